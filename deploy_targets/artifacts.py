@@ -1,0 +1,110 @@
+"""Recognise an artifact's format and precision from the file itself, not from its name alone."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dskd.errors import UserError
+
+FORMATS = ("onnx", "onnx-qdq", "openvino-ir", "trt-engine")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# Ops that only appear in quantized ONNX graphs (QDQ or QOperator style).
+_QUANT_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+}
+
+
+def _onnx_is_quantized(path: Path) -> bool:
+    try:
+        import onnx
+    except ImportError:  # fall back to the op names stored as plain strings in the protobuf
+        data = path.read_bytes()
+        return any(op.encode() in data for op in _QUANT_OPS)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(f"artifact {path}: not a readable ONNX file ({exc}); re-export it") from exc
+    ops = {node.op_type for node in model.graph.node}
+    for fn in model.functions:
+        ops.update(node.op_type for node in fn.node)
+    return bool(ops & _QUANT_OPS)
+
+
+def artifact_format(path: str | Path) -> str:
+    """onnx | onnx-qdq | openvino-ir | trt-engine; UserError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist: export it first or fix the path")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx-qdq" if _onnx_is_quantized(path) else "onnx"
+    if suffix == ".xml":
+        if not path.with_suffix(".bin").is_file():
+            raise UserError(
+                f"artifact {path}: OpenVINO IR needs {path.with_suffix('.bin').name} beside it"
+            )
+        return "openvino-ir"
+    if suffix in ENGINE_SUFFIXES:
+        return "trt-engine"
+    raise UserError(
+        f"artifact {path}: unknown format {suffix or '(no suffix)'}: expected .onnx, .xml (OpenVINO IR) "
+        f"or {'/'.join(ENGINE_SUFFIXES)} (TensorRT engine)"
+    )
+
+
+def detected_precision(path: str | Path, fmt: str) -> str | None:
+    """fp32/int8 when the file tells; None for TensorRT engines (the caller must say)."""
+    if fmt == "onnx-qdq":
+        return "int8"
+    if fmt == "onnx":
+        return "fp32"
+    if fmt == "openvino-ir":
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        return "int8" if 'type="FakeQuantize"' in text or 'type="FakeConvert"' in text else "fp32"
+    return None
+
+
+def companion_files(path: str | Path, fmt: str) -> list[Path]:
+    """Every file the artifact needs on the device (IR = .xml + .bin)."""
+    path = Path(path)
+    if fmt == "openvino-ir":
+        return [path, path.with_suffix(".bin")]
+    if fmt in ("onnx", "onnx-qdq"):
+        return [path, *_onnx_external_files(path)]
+    return [path]
+
+
+def _onnx_external_files(path: Path) -> list[Path]:
+    """Weights stored beside the .onnx (external data), which must travel with it."""
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError:
+        return []
+    model = onnx.load(str(path), load_external_data=False)
+    files: list[Path] = []
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            extra = path.parent / location if location else None
+            if extra is not None and extra not in files:
+                if Path(location).name != location or not extra.is_file():
+                    raise UserError(
+                        f"artifact {path}: external data {location!r} missing or not beside it"
+                    )
+                files.append(extra)
+    return files
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

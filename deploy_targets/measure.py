@@ -1,0 +1,397 @@
+"""Measure an artifact on a target: run the runner locally or on the device, return one record.
+
+Locally the runner runs in a child process (the pipeline's own imports and threads
+cannot disturb the timing, and a crash in a runtime cannot take the pipeline down);
+remotely it runs with the device's python in a private temp folder that is always
+removed. Both paths run the same file, so the numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dskd.atomic import write_json
+from dskd.errors import UserError
+
+from . import remote
+from .artifacts import artifact_format, companion_files, detected_precision, sha256_of
+from .errors import DeviceError
+from .evalset import check_eval_npz
+from .registry import REACH_LOCAL, REACH_SSH, Target, get_target, is_jetson, remote_python_command
+from .remote import runner
+from .remote.runner import Protocol
+from .ssh import DeviceSpec, SshClient, SshOptions, parse_device, run_bounded
+
+RESULT_NAME = "result.json"
+# The remote `timeout` kills the runner this long after TERM if it ignores it.
+KILL_GRACE_S = 5
+# Extra time the local ssh process gets beyond the remote timeout before it is killed.
+SSH_MARGIN_S = 30
+
+
+@dataclass
+class Measurement:
+    """One measurement record (JSON-serialisable with to_dict()); latency per batch size."""
+
+    target: str
+    runtime: str
+    precision: str
+    artifact: str
+    artifact_format: str
+    artifact_sha256: str
+    where: str  # "local" or user@host:port
+    threads: int
+    batch_sizes: list[int]
+    protocol: dict[str, Any]
+    latency: list[dict[str, Any]]
+    accuracy: dict[str, Any] | None
+    environment: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    measured_at: str = ""
+    format: str = runner.RESULT_FORMAT
+
+    def latency_at(self, batch_size: int = 1) -> dict[str, Any]:
+        for entry in self.latency:
+            if entry["batch_size"] == batch_size:
+                return entry
+        raise KeyError(f"no latency measured at batch size {batch_size}")
+
+    @property
+    def p50_ms(self) -> float:
+        """Median latency at the smallest measured batch size (what the gate compares)."""
+        return float(min(self.latency, key=lambda e: e["batch_size"])["p50_ms"])
+
+    @property
+    def top1(self) -> float | None:
+        return None if self.accuracy is None else float(self.accuracy["top1"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_where(target: Target, device: str | DeviceSpec | None) -> DeviceSpec | None:
+    """None = run locally; a DeviceSpec = over SSH. Mismatches are one-line UserErrors."""
+    if target.reach == REACH_LOCAL:
+        if device is not None:
+            raise UserError(
+                f"--device: target {target.name} runs on this machine; drop --device "
+                "(ssh-cpu measures a remote CPU)"
+            )
+        return None
+    if device is None:
+        if target.reach == REACH_SSH:
+            raise UserError(
+                f"--device: target {target.name} needs a device: pass --device user@host[:port]"
+            )
+        if not is_jetson():
+            raise UserError(
+                f"--device: target {target.name} runs on a Jetson; this machine is not one: "
+                "pass --device user@jetson"
+            )
+        return None
+    return parse_device(device) if isinstance(device, str) else device
+
+
+def _check_precision(target: Target, fmt: str, path: Path, precision: str | None) -> str:
+    if fmt not in target.accepts:
+        wanted = ", ".join(dict.fromkeys(target.accepts))
+        export = ", ".join(dict.fromkeys(v for _, v in target.export_formats))
+        raise UserError(
+            f"artifact {path}: target {target.name} needs {wanted}, got {fmt}: "
+            f"export with --formats {export}"
+        )
+    found = detected_precision(path, fmt)
+    if precision is not None:
+        precision = precision.lower()
+        if precision not in target.precisions:
+            raise UserError(
+                f"--precision {precision}: target {target.name} ships "
+                f"{', '.join(target.precisions)}"
+            )
+        if found is not None and found != precision:
+            raise UserError(
+                f"--precision {precision}: artifact {path.name} is {found}; "
+                f"pass --precision {found} or the {precision} artifact"
+            )
+        return precision
+    precision = found or target.precisions[0]
+    if precision not in target.precisions:
+        raise UserError(
+            f"artifact {path}: {precision} is not shipped on {target.name} "
+            f"({', '.join(target.precisions)})"
+        )
+    return precision
+
+
+def _batch_sizes(values: Any) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"--batch-sizes {values!r}: expected positive integers such as 1,8"
+        ) from exc
+    if not out or any(v < 1 for v in out):
+        raise UserError(f"--batch-sizes {values!r}: expected positive integers such as 1,8")
+    return list(dict.fromkeys(out))
+
+
+def runner_args(
+    *,
+    artifact: str,
+    runtime: str,
+    precision: str,
+    threads: int,
+    batch_sizes: list[int],
+    protocol: Protocol,
+    out: str,
+    eval_path: str | None = None,
+    eval_batch_size: int = 64,
+    input_shape: tuple[int, ...] | None = None,
+    trtexec: str | None = None,
+    timeout_s: float = 900.0,
+    cpu_affinity: tuple[int, ...] | None = None,
+) -> list[str]:
+    """The runner's command-line arguments (after `python runner.py`)."""
+    args = [
+        "--artifact", artifact, "--runtime", runtime, "--precision", precision,
+        "--threads", str(threads), "--batch-sizes", ",".join(map(str, batch_sizes)),
+        "--warmup-seconds", repr(float(protocol.warmup_seconds)),
+        "--min-iters", str(int(protocol.min_iters)),
+        "--min-seconds", repr(float(protocol.min_seconds)),
+        "--max-seconds", repr(float(protocol.max_seconds)),
+        "--cov-warn", repr(float(protocol.cov_warn)),
+        "--eval-batch-size", str(int(eval_batch_size)),
+        "--timeout", repr(float(timeout_s)),
+        "--out", out,
+    ]  # fmt: skip
+    if eval_path:
+        args += ["--eval", eval_path]
+    if input_shape:
+        args += ["--input-shape", ",".join(map(str, input_shape))]
+    if trtexec:
+        args += ["--trtexec", trtexec]
+    if cpu_affinity:
+        args += ["--cpu-affinity", ",".join(map(str, cpu_affinity))]
+    return args
+
+
+def interpret_exit(
+    where: str, returncode: int, stderr: str, python: str, timeout_s: float
+) -> UserError:
+    """The runner's (or the remote shell's) exit status as one actionable error."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    runner_line = next((ln for ln in reversed(lines) if ln.startswith(runner.ERROR_PREFIX)), None)
+    detail = (
+        runner_line[len(runner.ERROR_PREFIX) :].strip()
+        if runner_line
+        else (lines[-1] if lines else "")
+    )
+    detail = detail.split(": ", 1)[1] if runner_line and ": " in detail else detail
+    if "no space left" in stderr.lower():
+        return DeviceError(
+            where, "disk full: free space in the temp folder or choose another with remote_tmp"
+        )
+    if returncode == runner.EXIT_MISSING_MODULE:
+        return DeviceError(where, f"missing runtime: {detail}")
+    if returncode < 0:
+        return DeviceError(
+            where,
+            f"the runner was killed by signal {-returncode} (out of memory?): "
+            "lower --batch-sizes or the eval batch size, or free memory",
+        )
+    if returncode in (124, 137):  # coreutils `timeout`: TERM sent / KILL needed
+        return DeviceError(
+            where,
+            f"measurement did not finish within {timeout_s:.0f} s and was stopped: "
+            "raise the timeout or lower --min-seconds/--batch-sizes",
+        )
+    if returncode in (126, 127):
+        return DeviceError(
+            where,
+            f"python {python!r} not found or not executable: install python3 there "
+            "or set the device's python",
+        )
+    if returncode == runner.EXIT_RUNTIME_FAILURE:
+        return DeviceError(where, f"the runtime failed: {detail}")
+    if returncode in (runner.EXIT_BAD_INPUT, runner.EXIT_USAGE):
+        return UserError(f"{where}: {detail}")
+    return DeviceError(where, f"runner exited with status {returncode}: {detail or 'no message'}")
+
+
+def measure(
+    artifact: str | Path,
+    target: str | Target,
+    *,
+    eval_set: str | Path | None = None,
+    device: str | DeviceSpec | None = None,
+    precision: str | None = None,
+    batch_sizes: Any = (1,),
+    threads: int | None = None,
+    protocol: Protocol | None = None,
+    eval_batch_size: int = 64,
+    input_shape: tuple[int, ...] | None = None,
+    ssh: SshOptions | None = None,
+    remote_python: str = "python3",
+    remote_tmp: str | None = None,
+    trtexec: str | None = None,
+    timeout_s: float = 900.0,
+    cpu_affinity: tuple[int, ...] | None = None,
+) -> Measurement:
+    """Measure latency (per batch size) and, with an eval set, accuracy of `artifact` on `target`.
+
+    Runs locally or on `device` (user@host[:port]) as the target says; bad input and
+    device problems raise one-line UserError/DeviceError naming the fix. `threads` and
+    `cpu_affinity` default to the target's; `ssh`, `remote_python` (the device's python,
+    flags allowed) and `remote_tmp` (base of the private temp folder) apply to devices.
+    """
+    tgt = target if isinstance(target, Target) else get_target(target)
+    path = Path(artifact)
+    fmt = artifact_format(path)
+    precision = _check_precision(tgt, fmt, path, precision)
+    sizes = _batch_sizes(batch_sizes)
+    protocol = protocol or Protocol()
+    threads = int(threads or tgt.threads or 1)
+    if threads < 1 or eval_batch_size < 1:
+        raise UserError("--threads and the eval batch size must be >= 1")
+    if eval_set is not None:
+        check_eval_npz(eval_set)
+    if timeout_s <= 0:
+        raise UserError(f"timeout {timeout_s}: must be > 0 seconds")
+    spec = resolve_where(tgt, device)
+    sha = sha256_of(path)
+    common = dict(
+        runtime=tgt.runtime,
+        precision=precision,
+        threads=threads,
+        batch_sizes=sizes,
+        protocol=protocol,
+        eval_batch_size=eval_batch_size,
+        input_shape=input_shape,
+        trtexec=trtexec,
+        timeout_s=timeout_s,
+        cpu_affinity=cpu_affinity if cpu_affinity is not None else tgt.cpu_affinity,
+    )
+    if spec is None:
+        result = _run_local(path, eval_set, common, timeout_s)
+        where = "local"
+    else:
+        files = companion_files(path, fmt)
+        result = _run_remote(
+            spec, ssh, files, eval_set, common, remote_python, remote_tmp, timeout_s
+        )
+        where = str(spec)
+    if result.get("artifact_sha256") != sha:
+        raise DeviceError(
+            where, f"artifact {path.name} arrived corrupted (sha256 differs): retry the copy"
+        )
+    if spec is not None:
+        result["environment"]["reached_over"] = "ssh"
+    return Measurement(
+        target=tgt.name, runtime=tgt.runtime, precision=precision, artifact=str(path),
+        artifact_format=fmt, artifact_sha256=sha, where=where, threads=threads, batch_sizes=sizes,
+        protocol=result["protocol"], latency=result["latency"], accuracy=result["accuracy"],
+        environment=result["environment"], warnings=list(result.get("warnings", [])),
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )  # fmt: skip
+
+
+def _read_result(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeviceError(
+            where, f"the runner's result is missing or unreadable ({exc}): rerun"
+        ) from exc
+    if data.get("format") != runner.RESULT_FORMAT:
+        raise DeviceError(
+            where,
+            f"the runner wrote format {data.get('format')!r}, expected {runner.RESULT_FORMAT}",
+        )
+    return data
+
+
+def _run_local(
+    artifact: Path, eval_set: str | Path | None, common: dict[str, Any], timeout_s: float
+) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
+        out = Path(tmp) / RESULT_NAME
+        args = runner_args(
+            artifact=str(artifact.resolve()),
+            out=str(out),
+            eval_path=str(Path(eval_set).resolve()) if eval_set else None,
+            **common,
+        )
+        res = run_bounded([sys.executable, str(remote.RUNNER_PATH), *args], timeout_s)
+        if res.timed_out:
+            raise interpret_exit("local", 124, res.stderr, sys.executable, timeout_s)
+        if res.returncode != 0:
+            raise interpret_exit("local", res.returncode, res.stderr, sys.executable, timeout_s)
+        return _read_result(out, "local")
+
+
+def _run_remote(
+    spec: DeviceSpec,
+    ssh: SshOptions | None,
+    files: list[Path],
+    eval_set: str | Path | None,
+    common: dict[str, Any],
+    remote_python: str,
+    remote_tmp: str | None,
+    timeout_s: float,
+) -> dict:
+    uploads = [*files, *([Path(eval_set)] if eval_set else []), *remote.REMOTE_FILES]
+    names = [p.name for p in uploads]
+    if len(set(names)) != len(names):
+        raise UserError(
+            f"files to copy share a name ({', '.join(names)}): rename the artifact or eval set"
+        )
+    python = remote_python_command(remote_python)
+    client = SshClient(spec, ssh)
+    where = str(spec)
+    need_kib = sum(p.stat().st_size for p in uploads) // 1024 + 1024
+    with client.workdir(remote_tmp) as (workdir, free_kib):
+        if free_kib is not None and free_kib < need_kib:
+            raise DeviceError(
+                where,
+                f"disk full: {workdir} has {free_kib // 1024} MiB free, needs "
+                f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp",
+            )
+        upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
+        client.upload(uploads, workdir, timeout_s=upload_timeout)
+        args = runner_args(
+            artifact=files[0].name,
+            out=RESULT_NAME,
+            eval_path=Path(eval_set).name if eval_set else None,
+            **common,
+        )
+        run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"
+        limit = int(timeout_s) + 1
+        cmd = (
+            f"cd {shlex.quote(workdir)} && if command -v timeout >/dev/null 2>&1; "
+            f"then exec timeout -k {KILL_GRACE_S} {limit} {run}; else exec {run}; fi"
+        )
+        res = client.run(cmd, timeout_s=limit + KILL_GRACE_S + SSH_MARGIN_S, what="the measurement")
+        if res.returncode != 0:
+            raise interpret_exit(where, res.returncode, res.stderr, remote_python, timeout_s)
+        with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
+            local = Path(tmp) / RESULT_NAME
+            client.download(f"{workdir}/{RESULT_NAME}", local, timeout_s=60)
+            return _read_result(local, where)

@@ -1,0 +1,96 @@
+"""The `model.pt` format shared by training, distillation and export.
+
+A checkpoint is a plain dict of tensors and primitives so that it loads with
+`torch.load(weights_only=True)`: nothing in it can execute code on load.
+
+    {"format": "dskd-model/1",
+     "state_dict": {name: tensor},            # exactly the plain student's keys
+     "meta": {"model": str, "num_classes": int, "class_names": [str],
+              "input_size": int, "in_chans": int, "mean": [float], "std": [float],
+              "method": str, "top1": float | None, ...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd.atomic import atomic_path
+from dskd.errors import UserError
+
+FORMAT = "dskd-model/1"
+REQUIRED_META = ("model", "num_classes", "class_names", "input_size", "in_chans", "mean", "std")
+
+
+def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    payload = {"format": FORMAT, "state_dict": sd, "meta": dict(meta)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` with weights_only=True and one-line errors for each way it can fail."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; pass the model.pt written by `python -m pipeline train`")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass the model.pt inside it (or the folder to a command that accepts one)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: refused to load: it holds objects beyond tensors and plain data "
+            f"(possible code payload; {first[:160]}). Re-save it as a plain state_dict checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first[:160]})") from None
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, meta) of a `model.pt`; accepts its folder too."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    obj = torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise UserError(f"{path}: not a {FORMAT} checkpoint; pass a model.pt written by `python -m pipeline train`")
+    meta = obj.get("meta") or {}
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise UserError(f"{path}: checkpoint metadata lacks {', '.join(missing)}; re-train or re-save it")
+    return obj["state_dict"], meta
+
+
+def build_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the zoo model described by a `model.pt` and load its weights (strict)."""
+    from dskd.models import create_model, list_models
+
+    sd, meta = load_model_file(path)
+    if meta["model"] not in list_models():
+        raise UserError(f"{path}: model '{meta['model']}' is not in the zoo ({', '.join(list_models())})")
+    model = create_model(meta["model"], num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit a plain {meta['model']} ({str(exc).splitlines()[0][:160]})") from None
+    model.eval()
+    return model, meta
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

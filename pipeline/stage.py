@@ -1,0 +1,96 @@
+"""Stage framework: each stage is keyed by its config and its inputs' keys, and works in its own folder.
+
+A stage folder is `RUN/stages/<name>-<key12>/`. `stage.json` is written last, atomically: its
+presence with the same key means "finished", so a re-run skips it; a folder without it is an
+interrupted attempt that the next run continues in (the trainer resumes from `last.pt`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dskd import atomic
+
+STAGE_FILE = "stage.json"
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    folder: Path
+    outputs: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class Stage:
+    """One step of the product: `config(ctx)` says what it depends on, `run(ctx, folder)` does it."""
+
+    name: str
+    deps: tuple[str, ...]
+    config: Callable[[RunContext], dict[str, Any]]
+    run: Callable[[RunContext, Path], dict[str, Any]]
+    description: str = ""
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    recipe: Any
+    options: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, StageResult] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def out(self, stage: str) -> dict[str, Any]:
+        return self.results[stage].outputs
+
+    def folder(self, stage: str) -> Path:
+        return self.results[stage].folder
+
+
+def stage_key(stage: Stage, ctx: RunContext) -> str:
+    upstream = {d: ctx.results[d].key for d in stage.deps}
+    return stable_hash({"stage": stage.name, "config": stage.config(ctx), "inputs": upstream})
+
+
+def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> StageResult:
+    key = stage_key(stage, ctx)
+    folder = ctx.run_dir / "stages" / f"{stage.name}-{key[:12]}"
+    marker = folder / STAGE_FILE
+    if marker.exists() and not force:
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("key") == key:
+            ctx.log(f"[{stage.name}] cached ({folder.relative_to(ctx.run_dir)})")
+            res = StageResult(stage.name, key, folder, done.get("outputs", {}), True, 0.0)
+            ctx.results[stage.name] = res
+            return res
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    ctx.log(f"[{stage.name}] running{': ' + stage.description if stage.description else ''}")
+    t0 = time.perf_counter()
+    outputs = stage.run(ctx, folder)
+    seconds = time.perf_counter() - t0
+    atomic.write_json(marker, {"name": stage.name, "key": key, "config": stage.config(ctx),
+                               "inputs": {d: ctx.results[d].key for d in stage.deps},
+                               "outputs": outputs, "seconds": round(seconds, 3),
+                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    ctx.log(f"[{stage.name}] done in {seconds:.1f} s")
+    res = StageResult(stage.name, key, folder, outputs, False, seconds)
+    ctx.results[stage.name] = res
+    return res

@@ -1,0 +1,316 @@
+"""Distillation methods: option handling, logit losses, and the Distiller contract for every method."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dskd.errors import UserError
+from dskd.methods import (
+    create_distiller,
+    list_methods,
+    method_defaults,
+    parse_method_option,
+    resolve_method_options,
+)
+from dskd.methods.losses import dkd_loss, kd_loss
+
+torch.set_num_threads(1)
+
+ALL_METHODS = ["ce", "kd", "dkd", "fitnet", "lshfm", "diffkd", "dskd"]
+
+
+class TinyNet(nn.Module):
+    """Smallest model with the zoo interface (forward_features / forward_head / num_features / fc)."""
+
+    def __init__(self, width: int = 16, num_classes: int = 4, stride: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.num_features = width
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def batch(n: int = 8, num_classes: int = 4, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+# -- registry and options ---------------------------------------------------------------
+
+
+def test_list_methods_has_all_baselines_and_dskd() -> None:
+    assert list_methods() == ALL_METHODS
+
+
+def test_dskd_defaults_follow_the_spec() -> None:
+    d = method_defaults("dskd")
+    expected = {
+        "guidance_scale": 1.0, "guidance_target": "label", "guidance_form": "gradient",
+        "t0": 400, "steps": 5, "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+        "lsh_bits": None, "lsh_on": "spatial", "lsh_correct_only": False, "feature_mse": 0.0,
+        "x0_source": "self", "detach_adapter_input": True, "alpha_kd": 1.0, "tau": 4.0,
+        "w_ce": 1.0, "w_diff": 1.0, "w_adapt": 1.0, "w_lsh": 6.0, "feature_loss": "lsh",
+    }
+    for name, value in expected.items():
+        assert d[name] == value, name
+    assert 0 < d["lsh_warmup"] <= 1
+    assert method_defaults("kd") == {"w_ce": 0.1, "w_kd": 0.9, "tau": 4.0}
+    assert method_defaults("dkd")["beta"] == 8.0
+    assert math.isclose(method_defaults("dkd")["warmup"], 20 / 240)
+
+
+def test_unknown_option_names_the_closest_valid_one() -> None:
+    with pytest.raises(UserError, match=r"guidance_scal\b.*guidance_scale"):
+        resolve_method_options("dskd", {"guidance_scal": 2.0})
+    with pytest.raises(UserError, match="unknown option kd.temperature"):
+        create_distiller("kd", TinyNet(), TinyNet(), {"temperature": 2.0})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("t0", "400"), ("t0", 400.5), ("steps", True), ("guidance_scale", "1.0"), ("lsh_correct_only", 1),
+     ("guidance_target", "labels"), ("guidance_scale", -1.0), ("t0", 1000), ("w_lsh", float("nan"))],
+)
+def test_bad_option_values_raise_user_error(name: str, value: object) -> None:
+    with pytest.raises(UserError, match=f"dskd.{name}"):
+        create_distiller("dskd", TinyNet(), TinyNet(), {name: value})
+
+
+def test_valid_overrides_are_applied_and_ints_accepted_for_floats() -> None:
+    d = create_distiller("dskd", TinyNet(), TinyNet(), {"guidance_scale": 2, "lsh_bits": 32, "t0": 200})
+    assert d.options["guidance_scale"] == 2.0 and isinstance(d.options["guidance_scale"], float)
+    assert d.options["t0"] == 200 and d.lsh is not None and d.lsh.bits == 32
+
+
+def test_parse_method_option_converts_cli_text() -> None:
+    assert parse_method_option("dskd", "t0", "300") == 300
+    assert parse_method_option("dskd", "lsh_bits", "none") is None
+    assert parse_method_option("dskd", "lsh_correct_only", "true") is True
+    with pytest.raises(UserError, match="dskd.t0"):
+        parse_method_option("dskd", "t0", "abc")
+    with pytest.raises(UserError, match="did you mean dskd.steps"):
+        parse_method_option("dskd", "step", "3")
+
+
+def test_unknown_method_and_missing_teacher_are_user_errors() -> None:
+    with pytest.raises(UserError, match="'dskd'"):
+        create_distiller("dsdk", TinyNet(), TinyNet(), None)
+    with pytest.raises(UserError, match="needs a teacher"):
+        create_distiller("kd", TinyNet(), None, None)
+    with pytest.raises(UserError, match="classes"):
+        create_distiller("kd", TinyNet(num_classes=4), TinyNet(num_classes=5), None)
+    assert create_distiller("ce", TinyNet(), None, None) is not None
+
+
+# -- logit losses against independent formulas ------------------------------------------
+
+
+def test_kd_loss_matches_hinton_formula() -> None:
+    zs, zt = torch.randn(5, 7), torch.randn(5, 7)
+    tau = 4.0
+    pt = F.softmax(zt / tau, 1)
+    expected = (pt * (pt.log() - F.log_softmax(zs / tau, 1))).sum(1).mean() * tau**2
+    assert torch.allclose(kd_loss(zs, zt, tau), expected, atol=1e-6)
+    assert kd_loss(zt, zt, tau).abs() < 1e-6
+
+
+def test_dkd_loss_matches_decoupled_definition() -> None:
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    alpha, beta, tau = 1.0, 8.0, 4.0
+    ps, pt = F.softmax(zs / tau, 1), F.softmax(zt / tau, 1)
+    tckd = nckd = 0.0
+    for i in range(6):
+        k = int(y[i])
+        bs = torch.stack([ps[i, k], 1 - ps[i, k]])
+        bt = torch.stack([pt[i, k], 1 - pt[i, k]])
+        tckd += (bt * (bt.log() - bs.log())).sum()
+        others = [j for j in range(5) if j != k]
+        qs, qt = ps[i, others] / ps[i, others].sum(), pt[i, others] / pt[i, others].sum()
+        nckd += (qt * (qt.log() - qs.log())).sum()
+    expected = (alpha * tckd + beta * nckd) / 6 * tau**2
+    assert torch.allclose(dkd_loss(zs, zt, y, alpha, beta, tau), expected, atol=1e-5)
+
+
+def test_dkd_loss_is_finite_for_saturated_logits() -> None:
+    zs = torch.tensor([[200.0, -200.0, 0.0]], requires_grad=True)
+    zt = torch.tensor([[-300.0, 300.0, 0.0]])
+    loss = dkd_loss(zs, zt, torch.tensor([0]), 1.0, 8.0, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
+
+
+def test_dkd_warmup_scales_with_progress() -> None:
+    torch.manual_seed(0)
+    d = create_distiller("dkd", TinyNet(), TinyNet(), {"warmup": 0.5})
+    d.eval()
+    x, y = batch()
+    _, early = d(x, y, progress=0.1)
+    _, late = d(x, y, progress=0.9)
+    assert torch.allclose(early["dkd"] * 5, late["dkd"], rtol=1e-5)
+
+
+# -- the Distiller contract, every method -----------------------------------------------
+
+
+def make(method: str, options: dict | None = None, student_width: int = 8, teacher_width: int = 16):
+    torch.manual_seed(0)
+    student, teacher = TinyNet(student_width), TinyNet(teacher_width)
+    return create_distiller(method, student, None if method == "ce" else teacher, options)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_backward_finite_for_every_method(method: str, dtype: torch.dtype) -> None:
+    d = make(method, {"lsh_warmup": 0.0} if method == "dskd" else None)
+    d.train()
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+        logits, losses = d(x, y, progress=0.5)
+    assert logits.shape == (8, 4)
+    assert losses and all(isinstance(k, str) for k in losses)
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), f"{method}:{name}={value}"
+    sum(losses.values()).backward()
+    student_grads = [p.grad for p in d.student.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in student_grads)
+    assert any(g.abs().sum() > 0 for g in student_grads)
+    if d.teacher is not None:
+        assert all(p.grad is None for p in d.teacher.parameters())
+    for p in d.trainable_parameters():
+        assert p.grad is not None, f"{method}: a trainable parameter got no gradient (DDP would fail)"
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_student_keeps_plain_keys_and_teacher_stays_frozen(method: str) -> None:
+    d = make(method, {"lsh_warmup": 0.0} if method == "dskd" else None)
+    plain_keys = {k: v.shape for k, v in TinyNet(8).state_dict().items()}
+    teacher_before = {} if d.teacher is None else {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    params = list(d.trainable_parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    d.train()
+    for step in range(2):
+        x, y = batch(seed=step)
+        _, losses = d(x, y, progress=step / 2)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert {k: v.shape for k, v in d.student.state_dict().items()} == plain_keys
+    if d.teacher is not None:
+        assert not d.teacher.training
+        teacher_ids = {id(p) for p in d.teacher.parameters()}
+        assert not teacher_ids & {id(p) for p in params}
+        assert all(not p.requires_grad for p in d.teacher.parameters())
+        for k, v in d.teacher.state_dict().items():
+            assert torch.equal(v, teacher_before[k]), f"teacher {k} changed"
+        assert not any(k.startswith("teacher.") for k in d.resume_state_dict())
+    extra = sum(p.numel() for p in params) - sum(p.numel() for p in d.student.parameters())
+    assert d.count_training_only_params() == extra
+
+
+def test_train_call_keeps_teacher_in_eval_mode() -> None:
+    d = make("kd")
+    d.teacher.train()
+    d.train()
+    assert d.student.training and not d.teacher.training
+    d.eval()
+    assert not d.student.training and not d.teacher.training
+
+
+def test_zoo_models_work_with_every_method() -> None:
+    from dskd.models import create_model
+
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for method in ALL_METHODS:
+        torch.manual_seed(0)
+        student, teacher = create_model("resnet8", 10), create_model("resnet14", 10)
+        d = create_distiller(method, student, None if method == "ce" else teacher, None)
+        logits, losses = d(x, y, progress=1.0)
+        sum(losses.values()).backward()
+        assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values()), method
+        assert set(student.state_dict()) == set(create_model("resnet8", 10).state_dict())
+
+
+def test_feature_methods_handle_different_spatial_sizes() -> None:
+    torch.manual_seed(0)
+    student, teacher = TinyNet(8, stride=1), TinyNet(16, stride=2)  # 8×8 vs 4×4 maps
+    for method in ("fitnet", "lshfm", "diffkd", "dskd"):
+        d = create_distiller(method, student, teacher, {"x0_source": "teacher"} if method == "dskd" else None)
+        _, losses = d(*batch(), progress=1.0)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values()), method
+
+
+def test_cost_report_counts_denoiser_next_to_teacher() -> None:
+    from dskd.models import count_macs, create_model
+
+    student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
+    d = create_distiller("dskd", student, teacher, None)
+    report = d.cost_report(input_size=32)
+    c = student.num_features
+    mid = c // 4
+    per_position = 2 * (c * mid + 9 * mid * mid + mid * c) + c * c
+    assert report["denoiser_macs_per_call"] == per_position * 8 * 8  # 8×8 last map at 32 px
+    assert report["denoiser_calls_per_step"] == 6
+    assert report["teacher_macs"] == count_macs(teacher, 32)
+    assert report["denoiser_macs_per_step"] < report["teacher_macs"]
+    assert report["training_only_params"] == d.count_training_only_params()
+
+
+def test_distiller_under_ddp_single_process(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for options in ({"lsh_warmup": 0.0}, {"guidance_form": "loss", "lsh_warmup": 0.0}):
+            d = make("dskd", options)
+            model = DDP(d)
+            opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+            for step in range(3):
+                x, y = batch(seed=step)
+                _, losses = model(x, y, progress=0.5)
+                opt.zero_grad()
+                sum(losses.values()).backward()
+                opt.step()
+                assert all(torch.isfinite(v) for v in losses.values())
+            assert int(d.lsh.batches_seen) == 3
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_state_restores_training_only_modules() -> None:
+    d = make("dskd", {"lsh_bias_batches": 2})
+    d.train()
+    for step in range(3):
+        d(*batch(seed=step), progress=0.5)
+    state = d.resume_state_dict()
+    assert "lsh.bias" in state and "denoiser.out.0.weight" in state
+    fresh = make("dskd", {"lsh_bias_batches": 2})
+    fresh.train()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("teacher.") for k in missing)
+    assert torch.equal(fresh.lsh.bias, d.lsh.bias) and int(fresh.lsh.batches_seen) == 2
+    bias = fresh.lsh.bias.clone()
+    fresh(*batch(seed=5), progress=0.5)
+    assert torch.equal(fresh.lsh.bias, bias)  # already initialised: not re-estimated

@@ -1,0 +1,298 @@
+"""ssh-cpu end to end against a real sshd on 127.0.0.1, and the ways a device can fail."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy_targets import DeviceError, Protocol, get_target, measure
+from deploy_targets.ssh import SshClient
+from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_server
+from tests.test_targets_runner import build_tiny_artifacts
+
+pytestmark = [
+    pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason())),
+    pytest.mark.timeout(120),
+]
+
+FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), quantized=False)
+
+
+@pytest.fixture()
+def remote_tmp(sshd: Sshd, tmp_path: Path) -> Path:
+    """A temp base on the 'device' we can inspect for leftovers."""
+    base = tmp_path / "device-tmp"
+    base.mkdir()
+    return base
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_ssh_cpu_matches_local_cpu_and_cleans_up(
+    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+):
+    remote = measure(
+        artifacts["onnx"], "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device,
+        ssh=sshd.options(), remote_python=sys.executable, remote_tmp=str(remote_tmp),
+        protocol=FAST, batch_sizes=(1, 4),
+    )  # fmt: skip
+    local = measure(
+        artifacts["onnx"], "cpu", eval_set=artifacts["eval"], protocol=FAST, batch_sizes=(1, 4)
+    )
+    assert remote.where == sshd.device and local.where == "local"
+    assert remote.environment["reached_over"] == "ssh"
+    # same artifact, same runtime, same data: identical predictions, so identical accuracy
+    assert remote.accuracy == local.accuracy
+    assert remote.accuracy["agreement"] == 1.0
+    assert remote.accuracy["n"] == artifacts["n"]
+    for entry in remote.latency:
+        assert entry["iterations"] >= FAST.min_iters
+        assert 0 < entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"]
+    assert [e["batch_size"] for e in remote.latency] == [1, 4]
+    assert list(remote_tmp.iterdir()) == []  # private folder removed
+
+
+def test_availability_probe_reports_versions_and_missing_runtime(sshd: Sshd, tmp_path: Path):
+    ok, reason = get_target("ssh-cpu").availability(
+        sshd.device, ssh=sshd.options(), remote_python=sys.executable
+    )
+    assert ok, reason
+    assert "onnxruntime" in reason
+    bare = _bare_python(tmp_path)
+    ok, reason = get_target("ssh-cpu").availability(
+        sshd.device, ssh=sshd.options(), remote_python=str(bare)
+    )
+    assert not ok
+    assert "onnxruntime" in reason and "pip install" in reason
+
+
+def _bare_python(tmp_path: Path) -> Path:
+    """A real python without numpy/onnxruntime: a fresh venv without packages."""
+    venv = tmp_path / "bare-venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+    )
+    return venv / "bin" / "python"
+
+
+def test_remote_runtime_missing_is_one_line_and_cleans_up(
+    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path
+):
+    bare = _bare_python(tmp_path)
+    with pytest.raises(DeviceError) as err:
+        measure(
+            artifacts["onnx"],
+            "ssh-cpu",
+            eval_set=artifacts["eval"],
+            device=sshd.device,
+            ssh=sshd.options(),
+            remote_python=str(bare),
+            remote_tmp=str(remote_tmp),
+            protocol=FAST,
+        )
+    msg = _one_line(err.value)
+    assert msg.startswith(sshd.device)
+    assert "missing runtime" in msg and "onnxruntime" in msg and "pip install" in msg
+    assert list(remote_tmp.iterdir()) == []
+
+
+def test_remote_python_not_found(sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path):
+    with pytest.raises(DeviceError) as err:
+        measure(
+            artifacts["onnx"],
+            "ssh-cpu",
+            device=sshd.device,
+            ssh=sshd.options(),
+            remote_python="/nonexistent/python3",
+            remote_tmp=str(remote_tmp),
+            protocol=FAST,
+        )
+    assert "not found" in _one_line(err.value)
+    assert list(remote_tmp.iterdir()) == []
+
+
+def test_remote_command_timeout_is_bounded_and_cleans_up(
+    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+):
+    slow = Protocol(warmup_seconds=0.0, min_iters=1, min_seconds=600, max_seconds=600)
+    with pytest.raises(DeviceError) as err:
+        measure(
+            artifacts["onnx"],
+            "ssh-cpu",
+            device=sshd.device,
+            ssh=sshd.options(),
+            remote_python=sys.executable,
+            remote_tmp=str(remote_tmp),
+            protocol=slow,
+            timeout_s=3,
+        )
+    msg = _one_line(err.value)
+    assert "did not finish within 3 s" in msg
+    assert list(remote_tmp.iterdir()) == []
+    assert _processes_working_in(remote_tmp) == []  # the runner was stopped, not left running
+
+
+def _processes_working_in(folder: Path) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(folder)):
+                found.append(proc.name)
+    return found
+
+
+def test_wrong_port_is_refused(sshd: Sshd, artifacts: dict[str, Path]):
+    device = f"{sshd.user}@127.0.0.1:{free_port()}"
+    with pytest.raises(DeviceError) as err:
+        measure(artifacts["onnx"], "ssh-cpu", device=device, ssh=sshd.options(), protocol=FAST)
+    msg = _one_line(err.value)
+    assert msg.startswith(device) and "connection refused on port" in msg
+
+
+def test_refused_key(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path):
+    stranger = keygen(tmp_path / "id_stranger", "stranger")
+    with pytest.raises(DeviceError) as err:
+        measure(
+            artifacts["onnx"],
+            "ssh-cpu",
+            device=sshd.device,
+            ssh=sshd.options(identity_file=stranger),
+            protocol=FAST,
+        )
+    msg = _one_line(err.value)
+    assert "login refused" in msg and "ssh-copy-id" in msg
+
+
+def test_changed_host_key_is_never_accepted(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path):
+    keygen(tmp_path / "other_host_key", "impostor")
+    pub = (tmp_path / "other_host_key.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
+    with pytest.raises(DeviceError) as err:
+        measure(
+            artifacts["onnx"],
+            "ssh-cpu",
+            device=sshd.device,
+            ssh=sshd.options(known_hosts_file=known),
+            protocol=FAST,
+        )
+    msg = _one_line(err.value)
+    assert "host key does not match" in msg and "ssh-keygen -R" in msg
+    assert known.read_text().count("\n") == 1  # nothing was added
+
+
+def test_unknown_host_key_is_never_accepted(sshd: Sshd, tmp_path: Path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    client = SshClient(sshd.device, sshd.options(known_hosts_file=empty))
+    with pytest.raises(DeviceError) as err:
+        client.run("true", timeout_s=30)
+    assert "host key is not in" in _one_line(err.value)
+    assert empty.read_text() == ""
+
+
+def test_workdir_is_private(sshd: Sshd, remote_tmp: Path):
+    client = SshClient(sshd.device, sshd.options())
+    with client.workdir(str(remote_tmp)) as (path, free_kib):
+        assert Path(path).parent == remote_tmp
+        assert (Path(path).stat().st_mode & 0o777) == 0o700
+        assert free_kib is None or free_kib > 0
+    assert not Path(path).exists()
+
+
+def test_quoting_survives_shell_metacharacters(sshd: Sshd, tmp_path: Path):
+    client = SshClient(sshd.device, sshd.options())
+    tricky = "a b;$(echo pwned)'\"`x`"
+    result = client.run(f"printf %s {shlex.quote(tricky)}", timeout_s=30)
+    assert result.stdout == tricky
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path: Path):
+    """A 256 KiB tmpfs as the device's temp folder (root only; skipped where mount is denied)."""
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() or res.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_full_disk_is_reported_before_copying(
+    sshd: Sshd, artifacts: dict[str, Path], tiny_disk: Path
+):
+    with pytest.raises(DeviceError) as err:
+        measure(artifacts["onnx"], "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device,
+                ssh=sshd.options(), remote_python=sys.executable, remote_tmp=str(tiny_disk), protocol=FAST)  # fmt: skip
+    msg = _one_line(err.value)
+    assert "disk full" in msg and "MiB free" in msg and "remote_tmp" in msg
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_lost_connection_is_one_line_not_a_hang(
+    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+):
+    """Kill the server side of the session mid-measurement: the client must give up cleanly."""
+    slow = Protocol(warmup_seconds=0.0, min_iters=1, min_seconds=300, max_seconds=300)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            measure(artifacts["onnx"], "ssh-cpu", device=sshd.device, ssh=sshd.options(),
+                    remote_python=sys.executable, remote_tmp=str(remote_tmp), protocol=slow, timeout_s=120)  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not _processes_working_in(remote_tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    runners = _processes_working_in(remote_tmp)
+    assert runners, "the remote runner never started"
+    sessions = subprocess.run(
+        ["pgrep", "-P", str(sshd.pid)], capture_output=True, text=True
+    ).stdout.split()
+    for pid in sessions:  # the per-connection sshd processes of our own server
+        os.kill(int(pid), signal.SIGKILL)
+    worker.join(timeout=60)
+    for pid in runners:  # the orphaned runner we started; the remote `timeout` would end it later
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    assert not worker.is_alive()
+    err = outcome.get("error")
+    assert isinstance(err, DeviceError), err
+    assert "connection lost" in _one_line(err)
+    assert list(remote_tmp.iterdir()) == []  # cleanup reconnected and removed the folder

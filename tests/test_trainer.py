@@ -1,0 +1,134 @@
+"""Trainer behaviour on the embedded digits data: learning, resume, DDP, NaN safety, distillation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dskd.checkpoint import build_model, load_model_file, torch_load
+from dskd.errors import UserError
+from dskd.models import create_model
+from dskd.trainer import NonFiniteLoss, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(data="digits", input_size=16, in_chans=1, batch_size=64, lr=0.05, device="cpu")
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(model="resnet8", epochs=2, **SMALL)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    train(cfg(model="resnet14", epochs=10), out)
+    return out
+
+
+def test_ce_learns_and_writes_files(teacher_dir: Path):
+    summary = json.loads((teacher_dir / "summary.json").read_text())
+    for key in ("model", "method", "epochs", "params", "top1", "train_seconds", "macs"):
+        assert key in summary
+    assert summary["top1"] > 80.0, summary["top1"]  # chance is 10 %
+    lines = (teacher_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == list(range(1, 11))
+    sd, meta = load_model_file(teacher_dir / "model.pt")
+    assert meta["class_names"] == [str(i) for i in range(10)]
+    assert set(sd) == set(create_model("resnet14", 10, in_chans=1).state_dict())
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg(), full)
+    assert train(cfg(), part, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    assert not (part / "model.pt").exists() and (part / "last.pt").exists()
+    train(cfg(), part, resume=True)
+    a, _ = load_model_file(full / "model.pt")
+    b, _ = load_model_file(part / "model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path):
+    train(cfg(), tmp_path, stop_after_epoch=1)
+    with pytest.raises(UserError, match="was written with lr"):
+        train(cfg(lr=0.1), tmp_path, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
+    train(cfg(epochs=3), tmp_path, stop_after_epoch=1)
+    before = torch_load(tmp_path / "last.pt")["epoch"]
+    with pytest.raises(NonFiniteLoss, match="loss term ce became NaN/inf"):
+        train(cfg(epochs=3, lr=1e30), tmp_path / "x")
+    with pytest.raises(NonFiniteLoss):
+        train(cfg(epochs=3, lr=1e30), tmp_path, resume=False)
+    assert not (tmp_path / "model.pt").exists()
+    assert before == 1
+
+
+def test_bad_config_fields():
+    for kw, field in [({"epochs": 0}, "epochs"), ({"precision": "int4"}, "precision"),
+                      ({"method": "kd"}, "teacher"), ({"lr": -1.0}, "lr")]:
+        with pytest.raises(UserError, match=f"'{field}'"):
+            cfg(**kw).validate()
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train(cfg(precision="fp16"), tmp_path)
+
+
+def test_bf16_autocast_trains(tmp_path: Path):
+    s = train(cfg(precision="bf16", epochs=1), tmp_path)
+    assert s["precision"] == "bf16" and s["top1"] == s["top1"]  # finite
+
+
+def test_dskd_student_loads_into_plain_student(tmp_path: Path, teacher_dir: Path):
+    s = train(cfg(method="dskd", teacher=str(teacher_dir), epochs=4), tmp_path)
+    assert s["method"] == "dskd" and s["options"]["t0"] == 400
+    assert s["top1"] > 20.0, s["top1"]  # chance is 10 %
+    assert s["training_only_params"] > 0
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_ce", "loss_kd", "loss_diff", "loss_lsh", "loss_adapt"} <= set(lines[0])
+    model, meta = build_model(tmp_path / "model.pt")  # strict load into a plain resnet8
+    assert meta["method"] == "dskd"
+    assert set(model.state_dict()) == set(create_model("resnet8", 10, in_chans=1).state_dict())
+
+
+def test_teacher_with_other_classes_is_refused(tmp_path: Path, teacher_dir: Path):
+    from dskd.checkpoint import save_model
+
+    sd, meta = load_model_file(teacher_dir / "model.pt")
+    meta = dict(meta, class_names=[f"c{i}" for i in range(10)])
+    save_model(tmp_path / "other.pt", sd, meta)
+    with pytest.raises(UserError, match="teacher classes"):
+        train(cfg(method="kd", teacher=str(tmp_path / "other.pt")), tmp_path / "out")
+
+
+def _torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CI="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pipeline", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_ddp_two_processes_on_cpu(tmp_path: Path):
+    out = tmp_path / "ddp"
+    proc = _torchrun(["--model=resnet8", "--data=digits", "--epochs=8", "--input-size=16", "--in-chans=1",
+                      f"--out={out}", "--device=cpu", "--batch-size=32"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 8  # rank 0 alone writes
+    single = train(cfg(epochs=8, batch_size=64), tmp_path / "single")  # same global batch
+    assert summary["top1"] > 60.0, summary["top1"]
+    assert abs(summary["top1"] - single["top1"]) < 15.0, (summary["top1"], single["top1"])
