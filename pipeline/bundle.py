@@ -89,7 +89,7 @@ def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], source_root:
         for f in extra_files:
             if f.exists():
                 shutil.copy2(f, tmp / f.name)
-        runtimes = {e["runtime"] for e in entries}
+        runtimes = {e["runtime"] for e in entries} | {meta.get("runtime")}
         for rt in runtimes:
             if rt in _EXAMPLES:
                 (tmp / ("infer.py" if rt != "tensorrt" else "README_tensorrt.txt")).write_text(_EXAMPLES[rt])

@@ -89,8 +89,259 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
         })
 
 
+def run(recipe: str | None = None, target: str | None = None, data: str | None = None, out: str | None = None,
+        device: str | None = None, baseline: str | None = None, force: str | None = None,
+        allow_unmeasured: bool = False, set: list[str] | None = None) -> None:  # noqa: A002
+    """Run the whole job: teacher -> distill -> export -> optimize -> deploy -> gate -> report.
+
+    Finished stages are cached in OUT/stages/ and skipped on the next run; an interrupted run resumes.
+    Exit code 0 when every gate passes, 1 when one fails, 2 on bad input.
+
+    Args:
+        recipe: a shipped recipe name (digits-smoke, cifar10-resnet, cifar100-r32x4-r8x4) or a .toml path.
+        target: deployment target (see `pipeline targets`); overrides the recipe's target.name.
+        data: data spec; overrides the recipe's data.spec.
+        out: run folder (default runs/<recipe name>).
+        device: user@host[:port] of the target device, reached over SSH.
+        baseline: a report.json (or its run folder) to gate regressions against; its artifacts are
+            re-measured interleaved with the new ones when they still exist.
+        force: re-run this stage and everything after it (or `all`), comma-separated.
+        allow_unmeasured: do not fail latency gates on targets that could not be measured here.
+        set: recipe overrides, repeatable: --set student.epochs=5 --set gates.min_top1=90.
+    """
+    from pathlib import Path
+
+    from pipeline.overrides import parse_overrides
+    from pipeline.recipe import load_recipe
+    from pipeline.run import execute
+
+    overrides = parse_overrides(set)
+    if target:
+        overrides["target.name"] = str(target)
+    if data:
+        overrides["data.spec"] = str(data)
+    if device:
+        overrides["target.device"] = str(device)
+    if allow_unmeasured:
+        overrides["target.allow_unmeasured"] = True
+    rec = load_recipe(recipe, overrides)
+    from deploy_targets.registry import get_target
+
+    get_target(rec.target.name)  # unknown target: fail before any work
+    run_dir = Path(out or f"runs/{rec.name}")
+    forced = [f.strip() for f in str(force).split(",") if f.strip()] if force else []
+    report = execute(rec, run_dir, forced, baseline)
+    _print_report(report, run_dir)
+    if not report["passed"]:
+        raise ExitCode(1)
+
+
+def _print_report(report: dict, run_dir) -> None:
+    from pipeline.console import print_table
+    from pipeline.report import GATE_COLUMNS, artifact_rows, gate_rows
+
+    s = report["student"]
+    print_table(f"{report['recipe']['name']} -> {report['target']['name']}: student {s['model']} ({s['method']}) "
+                f"top1 {s['top1']:.2f} %, teacher {report['teacher']['model']} top1 {report['teacher']['top1']:.2f} %",
+                ["artifact", "precision", "runtime", "top1 %", "p50 ms", "size MB", "gates"], artifact_rows(report))
+    failed = [r for r in gate_rows(report) if not r[5]]
+    if failed:
+        print_table("failed gates", GATE_COLUMNS, failed)
+    if not report["target"].get("measured", True):
+        print(f"target not measured: {report['target'].get('reason')}")
+    print(f"{'PASSED' if report['passed'] else 'FAILED'}: report {run_dir}/report.md, bundle {run_dir}/bundle/")
+
+
+def gate(report: str, baseline: str | None = None, recipe: str | None = None, junit: str | None = None,
+         allow_unmeasured: bool = False, set: list[str] | None = None) -> None:  # noqa: A002
+    """Run the gates alone on a report.json (optionally against a baseline report.json).
+
+    Thresholds come from --recipe (default: the recipe recorded in the report) and --set gates.KEY=VALUE.
+    Exit code 0 when every gate passes, 1 when one fails, 2 on bad input.
+
+    Args:
+        report: report.json (or its run folder) written by `pipeline run`.
+        baseline: a baseline report.json (or its run folder) for the regression gates.
+        recipe: recipe name or .toml path whose [gates] to use instead of the report's.
+        junit: also write the gate rows as JUnit XML to this path.
+        allow_unmeasured: unmeasured artifacts do not fail latency/accuracy gates.
+        set: gate overrides, repeatable: --set gates.max_latency_regression=0.1.
+    """
+    from pathlib import Path
+
+    from dskd import atomic
+    from pipeline import gates as g
+    from pipeline.console import print_table
+    from pipeline.overrides import parse_overrides
+    from pipeline.recipe import GateConfig, _build, load_recipe
+    from pipeline.report import GATE_COLUMNS, validate_report
+    from pipeline.run import load_baseline
+
+    rep, _ = load_baseline(report)
+    problems = validate_report(rep)
+    if problems:
+        raise UserError(f"{report}: not a valid report ({problems[0]}); pass a report.json written by `pipeline run`")
+    overrides = parse_overrides(set)
+    bad = [k for k in overrides if not k.startswith("gates.")]
+    if bad:
+        raise UserError(f"--set {bad[0]}: only gates.* keys apply to `pipeline gate`")
+    if recipe:
+        gates_cfg = load_recipe(recipe, overrides).gates
+    else:
+        table = dict(rep["recipe"].get("config", {}).get("gates", {}))
+        for k, v in overrides.items():
+            table[k.split(".", 1)[1]] = v
+        gates_cfg = _build(GateConfig, table, "gates", f"{report} (recorded recipe)")
+    base, _ = load_baseline(baseline)
+    results = g.evaluate_gates(rep, gates_cfg, base, allow_unmeasured)
+    rows = [[r.name, r.artifact, r.metric, r.value, r.threshold, r.passed, r.note] for r in results]
+    print_table("gates", GATE_COLUMNS, rows)
+    if junit:
+        atomic.write_text(Path(junit), g.junit_xml(results))
+    passed = g.all_passed(results)
+    print("PASSED" if passed else "FAILED")
+    if not passed:
+        raise ExitCode(1)
+
+
+def export(model_pt: str, out: str = "runs/export", formats: str | None = None, calib_data: str | None = None,
+           calib_size: int = 300, opset: int = 18, simplify: bool = True) -> None:
+    """Export a model.pt to ONNX / INT8 ONNX / OpenVINO IR / TensorRT engines, verified, with a manifest.
+
+    Args:
+        model_pt: a model.pt (or its folder) written by `pipeline train`.
+        out: output folder (OUT/manifest.json lists every artifact with sha256 and size).
+        formats: comma-separated: onnx, onnx-int8, openvino, openvino-fp16, openvino-int8,
+            tensorrt-fp16, tensorrt-int8, or all (default: every format that can be built here).
+        calib_data: data spec whose training split calibrates INT8 and whose test split checks parity.
+        calib_size: calibration images (deterministic subset of the training split).
+        opset: ONNX opset (18-20; 13-17 use the TorchScript exporter).
+        simplify: simplify with onnxslim when installed (verified afterwards).
+    """
+    import warnings
+
+    from dskd.checkpoint import load_model_file
+    from export.api import export_all
+    from pipeline.console import print_table
+
+    _, meta = load_model_file(model_pt)
+    calib = None
+    if calib_data:
+        from dskd.data import load_data
+
+        calib = load_data(str(calib_data), input_size=int(meta["input_size"]), in_chans=int(meta["in_chans"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        manifest = export_all(model_pt, out, formats=formats, calib=calib, calib_size=int(calib_size),
+                              opset=int(opset), simplify=bool(simplify))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    rows = [[a.format, a.precision, a.runtime, a.path, a.size_bytes,
+             (a.parity or {}).get("top1_agreement"), (a.parity or {}).get("max_abs_diff")] for a in manifest.artifacts]
+    print_table(f"exported {model_pt} -> {out}", ["format", "precision", "runtime", "path", "bytes", "agreement",
+                                                   "max |dlogit|"], rows)
+    for s in manifest.skipped:
+        print(f"skipped {s.format}: {s.reason}")
+
+
+def targets(device: str | None = None, python: str = "python3", probe: bool = True) -> None:
+    """List deployment targets and whether each can run here (or on --device).
+
+    Args:
+        device: user@host[:port] to probe for SSH-reached targets.
+        python: the device's python.
+        probe: log in to the device to check its runtime (off: only check local runtimes).
+    """
+    from deploy_targets.registry import format_targets_table
+
+    print(format_targets_table(device=device, remote_python=python, probe=bool(probe)))
+
+
+def bench(artifact: str, target: str = "cpu", device: str | None = None, data: str | None = None,
+          precision: str | None = None, batch_sizes: str = "1", threads: int | None = None,
+          python: str = "python3", out: str | None = None) -> None:
+    """Measure one artifact's latency (and accuracy with --data) on a target, locally or over SSH.
+
+    Args:
+        artifact: model.onnx, model.int8.onnx, an OpenVINO model.xml or a TensorRT engine.
+        target: target name (see `pipeline targets`).
+        device: user@host[:port] for targets reached over SSH.
+        data: data spec (or an eval .npz) whose test split gives top-1 and agreement.
+        precision: the artifact's precision (detected when omitted).
+        batch_sizes: comma-separated batch sizes, e.g. 1,8.
+        threads: runtime threads (default: the target's).
+        python: the device's python.
+        out: write the measurement JSON here.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from deploy_targets.measure import measure
+    from pipeline.console import print_table
+
+    with tempfile.TemporaryDirectory() as td:
+        eval_set = None
+        if data:
+            eval_set = _eval_set_for(str(data), Path(artifact), Path(td))
+        m = measure(artifact, target, eval_set=eval_set, device=device, precision=precision,
+                    batch_sizes=str(batch_sizes), threads=threads, remote_python=python)
+    rows = [[e["batch_size"], e.get("p50_ms"), e.get("p90_ms"), e.get("p99_ms"), e.get("mean_ms"), e.get("cov"),
+             e.get("iterations")] for e in m.latency]
+    print_table(f"{artifact} on {m.target} ({m.runtime}/{m.precision}, {m.where}, {m.threads} threads)",
+                ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CoV", "iters"], rows)
+    if m.accuracy:
+        print(f"top-1 {m.accuracy.get('top1'):.2f} % on {m.accuracy.get('n', '?')} images"
+              + (f", agreement with PyTorch {m.accuracy['agreement']:.2f} %" if m.accuracy.get("agreement") is not None else ""))
+    for w in m.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if out:
+        m.save(out)
+
+
+def _eval_set_for(data: str, artifact, tmp):
+    """An eval .npz from a data spec, preprocessed as the artifact's ONNX metadata says."""
+    from pathlib import Path
+
+    if data.endswith(".npz"):
+        return Path(data)
+    from deploy_targets.evalset import write_eval_npz
+    from dskd.data import load_data
+    from export.onnx_inspect import onnx_metadata
+
+    onnx_path = artifact if artifact.suffix == ".onnx" else None
+    meta = onnx_metadata(onnx_path) if onnx_path else {}
+    size, chans = int(meta.get("input_size", 32)), int(meta.get("in_chans", 3))
+    bundle = load_data(data, input_size=size, in_chans=chans, progress=False)
+    mean, std = meta.get("mean", bundle.mean), meta.get("std", bundle.std)
+    return write_eval_npz(tmp / "eval.npz", bundle.test_x.numpy(), bundle.test_y.numpy(), mean, std)
+
+
+def verify(bundle: str) -> None:
+    """Check a deploy bundle's files against the sha256 in its manifest.json (folder or .tar.gz).
+
+    Args:
+        bundle: RUN/bundle/<target> or RUN/bundle/<target>.tar.gz.
+    """
+    from pipeline.bundle import verify_bundle
+
+    res = verify_bundle(bundle)
+    for p in res["problems"]:
+        print(f"problem: {p}")
+    for u in res["unlisted"]:
+        print(f"note: {u} is not in the manifest")
+    print(f"{'OK' if res['ok'] else 'FAILED'}: {res['files']} files checked in {res['bundle']}")
+    if not res["ok"]:
+        raise ExitCode(1)
+
+
 COMMANDS: dict[str, Callable] = {
+    "run": run,
     "train": train,
+    "export": export,
+    "targets": targets,
+    "bench": bench,
+    "gate": gate,
+    "verify": verify,
 }
 
 

@@ -53,6 +53,9 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
     student_top1 = (report.get("student") or {}).get("top1")
     base_by_key = {_key(a): a for a in (baseline or {}).get("artifacts", [])}
 
+    if not shipped:
+        results.append(GateResult("has_artifact", (report.get("target") or {}).get("name", "?"), "artifacts", 0, 1,
+                                  False, "no artifact was built for the target"))
     for a in shipped:
         label = artifact_label(a)
         top1 = a.get("top1")

@@ -52,7 +52,7 @@ def _fmt(v: Any, nd: int = 2) -> str:
     if isinstance(v, bool):
         return "pass" if v else "FAIL"
     if isinstance(v, float):
-        return f"{v:.{nd}f}"
+        return f"{v:.{nd}f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
     return str(v)
 
 

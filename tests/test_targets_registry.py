@@ -179,7 +179,7 @@ def test_runner_args_round_trip_through_the_runner_parser():
         precision="int8",
         threads=2,
         batch_sizes=[1, 8],
-        protocol=Protocol(0.5, 30, 1.5, 9.0, 0.1),
+        protocol=Protocol(0.5, 30, 1.5, 9.0, 0.1, 0.75, 4, 0.5),
         out="r.json",
         eval_path="e.npz",
         trtexec=None,
@@ -193,13 +193,9 @@ def test_runner_args_round_trip_through_the_runner_parser():
         2,
         (1, 8),
     )
-    assert (ns.warmup_seconds, ns.min_iters, ns.min_seconds, ns.max_seconds, ns.cov_warn) == (
-        0.5,
-        30,
-        1.5,
-        9.0,
-        0.1,
-    )
+    got = Protocol(ns.warmup_seconds, ns.min_iters, ns.min_seconds, ns.max_seconds, ns.cov_warn,
+                   ns.min_cpu_share, ns.contention_retries, ns.max_other_cpu)  # fmt: skip
+    assert got == Protocol(0.5, 30, 1.5, 9.0, 0.1, 0.75, 4, 0.5)
     assert ns.eval_path == "e.npz" and ns.out == "r.json"
 
 

@@ -23,7 +23,8 @@ from deploy_targets.evalset import check_eval_npz
 from deploy_targets.remote import RUNNER_PATH, runner
 from dskd.errors import UserError
 
-FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2)
+# contention_retries=0: these tests check plumbing, not timing, so a busy machine need not rerun
+FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2, contention_retries=0)
 N_EVAL = 64
 MEAN = np.array([0.5, 0.4, 0.3], np.float32)
 STD = np.array([0.2, 0.25, 0.3], np.float32)
@@ -241,13 +242,32 @@ def test_local_timeout_is_bounded(artifacts: dict):
 
 def test_time_calls_counts_and_truncates():
     calls = []
-    wall, device, truncated = runner.time_calls(
-        lambda: calls.append(1), Protocol(0.0, 7, 0.0, 60.0)
-    )
-    assert len(wall) == 7 and device == [] and not truncated
+    t = runner.time_calls(lambda: calls.append(1), Protocol(0.0, 7, 0.0, 60.0))
+    assert len(t.wall_ms) == 7 and t.device_ms == [] and not t.truncated
     assert len(calls) == 8  # one warm-up call, then exactly min_iters timed ones
-    wall, device, truncated = runner.time_calls(lambda: 1.5, Protocol(0.0, 10**9, 0.0, 0.05))
-    assert truncated and len(wall) == len(device) and set(device) == {1.5}
+    assert t.cpu_share >= 0 and (t.preemptions is None or t.preemptions >= 0)
+    t = runner.time_calls(lambda: 1.5, Protocol(0.0, 10**9, 0.0, 0.05))
+    assert t.truncated and len(t.wall_ms) == len(t.device_ms) and set(t.device_ms) == {1.5}
+
+
+def test_contended_runs_are_retried_then_flagged(monkeypatch: pytest.MonkeyPatch):
+    """A sleeping step gets almost no CPU: exactly what competing processes look like."""
+    import time as _time
+
+    runner.require_modules("onnxruntime")
+
+    class Sleepy(runner.Backend):
+        name = "onnxruntime"
+
+        def timed_step(self, batch):
+            _time.sleep(0.002)
+
+    proto = Protocol(0.0, 5, 0.0, 60.0, min_cpu_share=0.9, contention_retries=2)
+    entry = runner.measure_latency(Sleepy(), np.zeros((1, 3, 2, 2), np.float32), 1, proto)
+    assert entry["contended"] and entry["attempts"] == 3 and entry["cpu_share"] < 0.9
+    Sleepy.name = "tensorrt"  # GPU waits may sleep: recorded, never retried or flagged
+    entry = runner.measure_latency(Sleepy(), np.zeros((1, 3, 2, 2), np.float32), 1, proto)
+    assert not entry["contended"] and entry["attempts"] == 1
 
 
 def test_summarize_matches_numpy():
@@ -316,3 +336,25 @@ def test_device_files_parse_as_python_38():
 
     for path in REMOTE_FILES:
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 8))
+
+
+def test_busy_neighbours_are_detected():
+    """Another process spinning on the machine while we time: flagged even if we keep our core."""
+    runner.require_modules("onnxruntime")
+    if runner._busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat on this system")
+
+    class Quick(runner.Backend):
+        name = "onnxruntime"
+
+        def timed_step(self, batch):
+            sum(range(2000))
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        proto = Protocol(0.0, 5, 0.3, 60.0, contention_retries=1, max_other_cpu=0.2)
+        entry = runner.measure_latency(Quick(), np.zeros((1, 3, 2, 2), np.float32), 1, proto)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert entry["others_cpu"] > 0.2 and entry["contended"] and entry["attempts"] == 2

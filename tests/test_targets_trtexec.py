@@ -26,7 +26,9 @@ from deploy_targets.measure import resolve_where
 from deploy_targets.remote import trtexec_tools as tt
 from dskd.errors import UserError
 
-FAST = deploy_targets.Protocol(warmup_seconds=0.02, min_iters=15, min_seconds=0.05)
+FAST = deploy_targets.Protocol(
+    warmup_seconds=0.02, min_iters=15, min_seconds=0.05, contention_retries=0
+)
 
 # --- CONSTRUCTED samples (format of trtexec 8.6/10; values invented) -----------------
 EXPORT_TIMES = [

@@ -64,6 +64,8 @@ class DSKD(Distiller):
         "lsh_on": Opt("spatial", str, "hash each position or the pooled vector", choices=("spatial", "pooled")),
         "lsh_std": Opt(1.0, float, "std of the random projection", low=1e-8),
         "lsh_bias_batches": Opt(20, int, "batches whose medians set the hash bias", low=1),
+        "lsh_bias_momentum": Opt(None, float, "then keep tracking the median by EMA (None = freeze)",
+                                 nullable=True, low=0.0, high=1.0),
         "lsh_correct_only": Opt(False, bool, "feature loss only on samples the teacher gets right"),
         "feature_loss": Opt("lsh", str, "feature loss (mse = ablation)", choices=("lsh", "mse")),
         "feature_mse": Opt(0.0, float, "μ: extra MSE between f_s and f̂_s", **_W),
@@ -89,7 +91,7 @@ class DSKD(Distiller):
         self.lsh: LSHHash | None = None
         if o["feature_loss"] == "lsh":
             bits = o["lsh_bits"] or 4 * c_s
-            self.lsh = LSHHash(c_s, bits, o["lsh_std"], o["lsh_bias_batches"])
+            self.lsh = LSHHash(c_s, bits, o["lsh_std"], o["lsh_bias_batches"], o["lsh_bias_momentum"])
 
     # -- guidance -----------------------------------------------------------------------
     def teacher_classifier(self, features: torch.Tensor) -> torch.Tensor:

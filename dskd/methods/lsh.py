@@ -3,7 +3,9 @@
 A frozen random projection P (N(0, σ²)) turns a feature vector into N hyperplane bits;
 sign agreement between two vectors' bits falls with the angle between them (SimHash).
 The bias is minus the running median of the projections over the first batches, so
-each bit splits the target features in half and carries information.
+each bit splits the target features in half and carries information. When the targets
+drift during training (DSKD hashes the student's own, still-changing features), an
+optional EMA keeps tracking the median afterwards so the bits stay balanced.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ class LSHHash(nn.Module):
     broadcast by DDP, so all ranks hash alike.
     """
 
-    def __init__(self, in_dim: int, bits: int, std: float = 1.0, bias_batches: int = 20) -> None:
+    def __init__(self, in_dim: int, bits: int, std: float = 1.0, bias_batches: int = 20,
+                 bias_momentum: float | None = None) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.bits = bits
         self.bias_batches = bias_batches
+        self.bias_momentum = bias_momentum
         self.register_buffer("weight", torch.randn(bits, in_dim) * std)
         self.register_buffer("bias", torch.zeros(bits))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
@@ -40,10 +44,12 @@ class LSHHash(nn.Module):
             return F.linear(f, self.weight, self.bias)
 
     def observe(self, target: torch.Tensor) -> None:
-        """During the first `bias_batches` training batches, set b = −mean of batch medians of P·f."""
+        """Set b = −(mean of batch medians of P·f) over the first `bias_batches` training batches;
+        afterwards, with `bias_momentum`, keep tracking them as an EMA (else b stays frozen)."""
         if not self.training or self._bias_done:
             return
-        if int(self.batches_seen) >= self.bias_batches:
+        n = int(self.batches_seen)
+        if n >= self.bias_batches and self.bias_momentum is None:
             self._bias_done = True
             return
         with torch.no_grad():
@@ -55,8 +61,8 @@ class LSHHash(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(median)
                 median /= dist.get_world_size()
-            n = int(self.batches_seen)
-            self.bias.mul_(n / (n + 1)).sub_(median / (n + 1))
+            keep = n / (n + 1) if n < self.bias_batches else 1.0 - float(self.bias_momentum or 0.0)
+            self.bias.mul_(keep).sub_(median * (1.0 - keep))
             self.batches_seen += 1
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,163 @@
+"""`pipeline run`: teacher → distill → export → optimize → deploy → gate → report, each stage cached."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from dskd import atomic
+from dskd.errors import UserError
+from pipeline import gates as gates_mod
+from pipeline.lock import run_lock
+from pipeline.recipe import Recipe
+from pipeline.report import SCHEMA_VERSION, write_report
+from pipeline.ship_stages import DEPLOY, EXPORT, OPTIMIZE
+from pipeline.stage import RunContext, Stage, run_stage, stable_hash
+from pipeline.train_stages import DISTILL, TEACHER
+
+
+def _gate_config(ctx: RunContext) -> dict[str, Any]:
+    base = ctx.options.get("baseline_report")
+    return {"gates": ctx.recipe.gates.__dict__, "allow_unmeasured": ctx.recipe.target.allow_unmeasured,
+            "baseline": stable_hash(base) if base else None}
+
+
+def build_report(ctx: RunContext) -> dict[str, Any]:
+    r: Recipe = ctx.recipe
+    teacher = ctx.out("teacher")["summary"]
+    student = ctx.out("distill")["summary"]
+    deploy = ctx.out("deploy")
+    from deploy_targets.registry import get_target
+
+    tgt = get_target(r.target.name)
+    artifacts = []
+    for a in deploy["artifacts"]:
+        row = {k: a.get(k) for k in ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1",
+                                     "agreement", "latency_ms", "shipped", "where", "warnings", "latency_note",
+                                     "baseline_comparison", "latency_by_batch", "latency_samples_ms", "prepared")}
+        row["measured"] = bool(a.get("measured"))
+        if not row["measured"]:
+            row["not_measured_reason"] = a.get("not_measured_reason")
+        row["parity"] = a.get("parity")
+        artifacts.append(row)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": {"name": r.name, "source": r.source, "config": r.to_dict()},
+        "target": {"name": tgt.name, "runtime": tgt.runtime, "device": r.target.device or None,
+                   "measured": bool(deploy["target_available"]), "reason": deploy.get("reason", ""),
+                   "environment": deploy.get("environment")},
+        "teacher": {"model": teacher.get("model"), "top1": teacher.get("top1"), "params": teacher.get("params"),
+                    "loaded_from": ctx.out("teacher").get("loaded_from")},
+        "student": {"model": student["model"], "method": student["method"], "top1": student["top1"],
+                    "params": student["params"], "macs": student["macs"], "train_seconds": student.get("train_seconds"),
+                    "options": student.get("options"), "sha256": ctx.out("distill")["model_sha256"]},
+        "artifacts": artifacts,
+        "skipped_formats": ctx.out("optimize").get("skipped", []),
+        "gates": [],
+        "passed": False,
+    }
+
+
+def _gate_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
+    report = build_report(ctx)
+    results = gates_mod.evaluate_gates(report, ctx.recipe.gates, ctx.options.get("baseline_report"),
+                                       ctx.recipe.target.allow_unmeasured)
+    rows = [g.to_dict() for g in results]
+    atomic.write_text(folder / "gates.junit.xml", gates_mod.junit_xml(results))
+    return {"gates": rows, "passed": gates_mod.all_passed(results), "junit": "gates.junit.xml"}
+
+
+def _report_config(ctx: RunContext) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION}
+
+
+def _report_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
+    from pipeline.bundle import write_bundle
+
+    report = build_report(ctx)
+    g = ctx.out("gate")
+    report["gates"], report["passed"] = g["gates"], g["passed"]
+    report["run"] = {"dir": str(ctx.run_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "stages": {n: {"key": s.key[:12], "cached": s.cached, "seconds": round(s.seconds, 2)}
+                                for n, s in ctx.results.items()}}
+    curves = {"teacher": ctx.folder("teacher") / "metrics.jsonl", "student": ctx.folder("distill") / "metrics.jsonl"}
+    files = write_report(report, ctx.run_dir, curves)
+    atomic.write_text(ctx.run_dir / "gates.junit.xml", (ctx.folder("gate") / "gates.junit.xml").read_text())
+    shipped = [a for a in report["artifacts"] if a.get("shipped") and a.get("path")]
+    # Engines are built on the device: ship what it builds them from (ONNX, Q/DQ ONNX, build script).
+    extra = [ctx.run_dir / p for a in report["artifacts"] for p in (a.get("prepared") or [])]
+    tar = write_bundle(ctx.run_dir / "bundle" / report["target"]["name"], shipped, ctx.run_dir,
+                       _bundle_meta(ctx, report), sorted(set(extra)))
+    return {**files, "bundle": str(tar.relative_to(ctx.run_dir))}
+
+
+def _bundle_meta(ctx: RunContext, report: dict[str, Any]) -> dict[str, Any]:
+    from dskd.checkpoint import load_model_file
+    from export.versions import tool_versions
+
+    _, meta = load_model_file(ctx.folder("distill") / "model.pt")
+    return {"target": report["target"]["name"], "runtime": report["target"]["runtime"],
+            "labels": list(meta["class_names"]),
+            "preprocessing": {"input_size": meta["input_size"], "in_chans": meta["in_chans"], "mean": meta["mean"],
+                              "std": meta["std"], "layout": "NCHW", "input": "input", "output": "logits",
+                              "scale": "x/255 then (x - mean) / std"},
+            "student": report["student"], "gates": report["gates"], "passed": report["passed"],
+            "tool_versions": tool_versions()}
+
+
+GATE = Stage("gate", ("deploy",), _gate_config, _gate_run, "check the gates")
+REPORT = Stage("report", ("gate",), _report_config, _report_run, "report.json/md/html, plots, deploy bundle")
+STAGES: list[Stage] = [TEACHER, DISTILL, EXPORT, OPTIMIZE, DEPLOY, GATE, REPORT]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def _downstream(name: str) -> set[str]:
+    out = {name}
+    changed = True
+    while changed:
+        changed = False
+        for s in STAGES:
+            if s.name not in out and any(d in out for d in s.deps):
+                out.add(s.name)
+                changed = True
+    return out
+
+
+def load_baseline(path: str | None) -> tuple[dict[str, Any] | None, Path | None]:
+    if not path:
+        return None, None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise UserError(f"--baseline {path}: no report.json there; pass a report.json written by `pipeline run`")
+    try:
+        report = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--baseline {p}: not valid JSON ({exc})") from None
+    return report, p.parent
+
+
+def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the report dict."""
+    unknown = [f for f in (force or []) if f not in STAGE_NAMES and f != "all"]
+    if unknown:
+        raise UserError(f"--force {unknown[0]}: not a stage; choose from {', '.join(STAGE_NAMES)} or all")
+    forced: set[str] = set()
+    for f in force or []:
+        forced |= set(STAGE_NAMES) if f == "all" else _downstream(f)
+    base_report, base_dir = load_baseline(baseline)
+    with run_lock(run_dir):
+        ctx = RunContext(run_dir=run_dir, recipe=recipe,
+                         options={"baseline_report": base_report, "baseline_dir": base_dir,
+                                  "remeasure_nonce": time.time() if "deploy" in forced else None})
+        atomic.write_json(run_dir / "recipe.json", recipe.to_dict())
+        for stage in STAGES:
+            run_stage(stage, ctx, force=stage.name in forced)
+        atomic.write_json(run_dir / "last_run.json", {
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": {n: {"folder": str(s.folder.relative_to(run_dir)), "cached": s.cached,
+                           "seconds": round(s.seconds, 2)} for n, s in ctx.results.items()}})
+        return json.loads((run_dir / "report.json").read_text())

@@ -1,0 +1,247 @@
+"""Export, optimize and deploy stages: from the student's model.pt to measured artifacts on the target."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dskd.checkpoint import file_sha256
+from pipeline.stage import RunContext, Stage, stable_hash
+
+CPU_REFERENCE_TARGET = "cpu"
+
+
+def load_bundle(ctx: RunContext):
+    """The recipe's data, from the decode cache (seconds) after the first stage decoded it."""
+    from dskd.data import load_data
+
+    d = ctx.recipe.data
+    if "bundle" not in ctx.options:
+        ctx.options["bundle"] = load_data(d.spec, input_size=d.input_size, in_chans=d.in_chans,
+                                          cache_dir=d.cache_dir or None, limit_per_class=d.limit_per_class or None,
+                                          progress=False)
+    return ctx.options["bundle"]
+
+
+def _student_pt(ctx: RunContext) -> Path:
+    return ctx.folder("distill") / ctx.out("distill")["model_pt"]
+
+
+def _target(ctx: RunContext):
+    from deploy_targets.registry import get_target
+
+    return get_target(ctx.recipe.target.name)
+
+
+def _export_options(ctx: RunContext) -> dict[str, Any]:
+    e = ctx.recipe.export
+    return {"opset": e.opset, "calib_size": e.calib_size, "simplify": e.simplify}
+
+
+def _artifacts_from_manifest(manifest: Any, folder: Path, stage_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for a in manifest.artifacts:
+        rows.append({"format": a.format, "precision": a.precision, "runtime": a.runtime,
+                     "path": str((folder / a.path).relative_to(stage_dir)), "sha256": a.sha256,
+                     "size_bytes": a.size_bytes, "parity": a.parity})
+    skipped = [{"format": s.format, "reason": s.reason, "parity": s.parity,
+                "prepared": [str((folder / f.path).relative_to(stage_dir)) for f in s.prepared]}
+               for s in manifest.skipped]
+    return rows, skipped
+
+
+# ---------------------------------------------------------------- export: ONNX FP32, verified
+def _export_config(ctx: RunContext) -> dict[str, Any]:
+    return {"options": _export_options(ctx)}
+
+
+def _export_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
+    from export.api import export_all
+
+    manifest = export_all(_student_pt(ctx), folder / "artifacts", formats=["onnx"], calib=load_bundle(ctx),
+                          **_export_options(ctx))
+    rows, skipped = _artifacts_from_manifest(manifest, folder / "artifacts", folder)
+    return {"artifacts": rows, "skipped": skipped, "manifest": "artifacts/manifest.json"}
+
+
+# ---------------------------------------------------------------- optimize: the target's formats
+def target_formats(ctx: RunContext) -> list[str]:
+    """Export formats the target ships, plus the QDQ INT8 ONNX that TensorRT INT8 builds from."""
+    if ctx.recipe.export.formats:
+        return list(ctx.recipe.export.formats)
+    tgt = _target(ctx)
+    names = [tgt.export_format(p) for p in tgt.precisions]
+    if tgt.runtime == "tensorrt" and "onnx-int8" not in names:
+        names.append("onnx-int8")  # shipped to the device for the INT8 engine, and checked on CPU here
+    return [n for n in names if n != "onnx"]
+
+
+def _optimize_config(ctx: RunContext) -> dict[str, Any]:
+    return {"options": _export_options(ctx), "formats": target_formats(ctx)}
+
+
+def _optimize_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
+    from export.api import export_all
+
+    formats = target_formats(ctx)
+    if not formats:
+        return {"artifacts": [], "skipped": []}
+    manifest = export_all(_student_pt(ctx), folder / "artifacts", formats=formats, calib=load_bundle(ctx),
+                          **_export_options(ctx))
+    rows, skipped = _artifacts_from_manifest(manifest, folder / "artifacts", folder)
+    for s in skipped:
+        ctx.log(f"  {s['format']}: not built here ({s['reason']})")
+    return {"artifacts": rows, "skipped": skipped, "manifest": "artifacts/manifest.json"}
+
+
+# ---------------------------------------------------------------- deploy: measure on the target
+def _deploy_config(ctx: RunContext) -> dict[str, Any]:
+    t = ctx.recipe.target
+    cfg = {k: getattr(t, k) for k in ("name", "device", "python", "threads", "batch_sizes", "min_iters",
+                                       "min_seconds", "warmup_seconds")}
+    base = ctx.options.get("baseline_report")
+    cfg["baseline"] = stable_hash(base) if base else None
+    cfg["nonce"] = ctx.options.get("remeasure_nonce")
+    return cfg
+
+
+def shipped_artifacts(ctx: RunContext) -> list[dict[str, Any]]:
+    """Artifacts of the export/optimize stages with the stage folder made part of their path."""
+    tgt = _target(ctx)
+    out = []
+    for stage in ("export", "optimize"):
+        for a in ctx.out(stage)["artifacts"]:
+            row = dict(a, path=str((ctx.folder(stage) / a["path"]).relative_to(ctx.run_dir)))
+            row["shipped"] = a["runtime"] == tgt.runtime and a["precision"] in tgt.precisions
+            out.append(row)
+    return out
+
+
+def write_eval_set(ctx: RunContext, folder: Path) -> Path:
+    """The test split as uint8 + the PyTorch student's predictions (for the agreement number)."""
+    from deploy_targets.evalset import write_eval_npz
+    from dskd.checkpoint import build_model
+    from dskd.trainer import evaluate
+
+    bundle = load_bundle(ctx)
+    model, meta = build_model(_student_pt(ctx))
+    top1, pred = evaluate(model, bundle.test_x, bundle.test_y, meta["mean"], meta["std"], __import__("torch").device("cpu"))
+    path = folder / "eval.npz"
+    write_eval_npz(path, bundle.test_x.numpy(), bundle.test_y.numpy(), meta["mean"], meta["std"], ref_pred=pred.numpy())
+    return path
+
+
+def _protocol(ctx: RunContext):
+    from deploy_targets.remote.runner import Protocol
+
+    t = ctx.recipe.target
+    return Protocol(warmup_seconds=t.warmup_seconds, min_iters=t.min_iters, min_seconds=t.min_seconds)
+
+
+def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval_set: Path | None,
+             device: str | None, batch_sizes: list[int]):
+    from deploy_targets.measure import measure
+
+    t = ctx.recipe.target
+    return measure(path, target_name, eval_set=eval_set, device=device, precision=precision,
+                   batch_sizes=batch_sizes, threads=t.threads or None, protocol=_protocol(ctx),
+                   remote_python=t.python, timeout_s=t.timeout_s)
+
+
+def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
+    lat = m.latency_at(min(m.batch_sizes))
+    a = dict(a)
+    acc = m.accuracy or {}
+    pct = {k: round(100.0 * acc[k], 4) if acc.get(k) is not None else None for k in ("top1", "agreement")}
+    a.update(measured=True, top1=pct["top1"], agreement=pct["agreement"],
+             latency_ms={k: lat.get(f"{k}_ms") for k in ("p50", "p90", "p99", "mean", "std")} | {"cov": lat.get("cov")},
+             latency_by_batch=m.latency, latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings,
+             where=m.where, environment=m.environment)
+    return a
+
+
+def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str, precision: str,
+                       device: str | None, rounds: int = 3) -> dict[str, Any]:
+    """Candidate and baseline measured alternately (A B A B ...) in this job; ratio of median p50s."""
+    c, b = [], []
+    for _ in range(rounds):
+        for path, acc in ((cand, c), (base, b)):
+            m = _measure(ctx, path, target_name, precision, None, device, [1])
+            acc.append(m.p50_ms)
+    ratio = statistics.median(c) / statistics.median(b)
+    return {"ratio": ratio, "rounds": rounds, "candidate_p50_ms": c, "baseline_p50_ms": b}
+
+
+def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
+    from dskd.errors import UserError
+
+    tgt = _target(ctx)
+    t = ctx.recipe.target
+    device = t.device or None
+    eval_set = write_eval_set(ctx, folder)
+    artifacts = shipped_artifacts(ctx)
+    ok, reason = tgt.availability(device=device, remote_python=t.python)
+    base_report = ctx.options.get("baseline_report")
+    base_dir = ctx.options.get("baseline_dir")
+    results = []
+    for a in artifacts:
+        path = ctx.run_dir / a["path"]
+        if a["shipped"]:
+            if not ok:
+                results.append(dict(a, measured=False, top1=None, latency_ms=None, not_measured_reason=reason))
+                continue
+            try:
+                m = _measure(ctx, path, tgt.name, a["precision"], eval_set, device, t.batch_sizes)
+            except UserError as exc:  # device trouble: keep going, record why
+                results.append(dict(a, measured=False, top1=None, latency_ms=None, not_measured_reason=str(exc)))
+                ctx.log(f"  {a['runtime']}/{a['precision']}: not measured: {exc}")
+                continue
+            row = _record(a, m)
+            base_art = _baseline_artifact(base_report, base_dir, a)
+            if base_art is not None:
+                row["baseline_comparison"] = _interleaved_ratio(ctx, path, base_art, tgt.name, a["precision"], device)
+            results.append(row)
+            ctx.log(f"  {a['runtime']}/{a['precision']}: top1 {row['top1']:.2f} %, p50 {row['latency_ms']['p50']:.3f} ms")
+        elif a["runtime"] == "onnxruntime":
+            # Not what this target runs (e.g. the ONNX beside a TensorRT target): its accuracy on this CPU
+            # still says whether quantization kept the model intact before anything reaches a device.
+            m = _measure(ctx, path, CPU_REFERENCE_TARGET, a["precision"], eval_set, None, [1])
+            results.append(dict(_record(a, m), latency_note="measured on this machine's CPU, not on the target"))
+    for sk in ctx.out("optimize").get("skipped", []):
+        spec = _format_spec(sk["format"])
+        if spec.runtime == tgt.runtime and spec.precision in tgt.precisions:
+            why = sk["reason"] if ok else f"{reason}; {sk['reason']}"
+            results.append({"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
+                            "sha256": None, "size_bytes": None, "shipped": True, "measured": False, "top1": None,
+                            "latency_ms": None, "not_measured_reason": why, "parity": sk.get("parity"),
+                            "prepared": [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir))
+                                         for p in sk.get("prepared", [])]})
+    env = next((r.get("environment") for r in results if r.get("environment")), None)
+    return {"artifacts": results, "target_available": ok, "reason": "" if ok else reason,
+            "eval_set": "eval.npz", "environment": env, "runtime": tgt.runtime}
+
+
+def _format_spec(name: str):
+    from export.formats import FORMATS
+
+    return FORMATS[name]
+
+
+def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None, a: dict[str, Any]) -> Path | None:
+    if not base_report or base_dir is None:
+        return None
+    for b in base_report.get("artifacts", []):
+        if (b["format"], b["precision"], b["runtime"]) == (a["format"], a["precision"], a["runtime"]):
+            p = base_dir / b["path"]
+            return p if p.exists() else None
+    return None
+
+
+EXPORT = Stage("export", ("distill",), _export_config, _export_run, "student -> verified ONNX")
+OPTIMIZE = Stage("optimize", ("distill",), _optimize_config, _optimize_run, "target formats (INT8, IR, engines)")
+DEPLOY = Stage("deploy", ("export", "optimize"), _deploy_config, _deploy_run, "measure latency and accuracy on the target")
+
+
+def student_sha(ctx: RunContext) -> str:
+    return file_sha256(_student_pt(ctx))
