@@ -66,19 +66,17 @@ class Budget:
     precision: str = "bf16"
     seeds: tuple[int, ...] = (0, 1, 2)
     holdout: float = 0.2
-    tune_seeds: tuple[int, ...] = (0,)
     augmentation: str = "random crop 32 (pad 4) + horizontal flip"
 
     def key(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["seeds"], d["tune_seeds"] = list(self.seeds), list(self.tune_seeds)
+        d["seeds"] = list(self.seeds)
         return d
 
 
 BUDGETS = {
     "default": Budget(),
-    "smoke": Budget(teacher_subset=600, teacher_epochs=1, subset=400, epochs=1, batch=64, seeds=(0,),
-                    tune_seeds=(0,)),
+    "smoke": Budget(teacher_subset=600, teacher_epochs=1, subset=400, epochs=1, batch=64, seeds=(0,)),
 }
 
 
@@ -126,6 +124,13 @@ TUNING: list[tuple[str, dict[str, Any], str]] = [
     ("pooled_t100_s100_ema", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "lsh_bias_momentum": 0.05},
      "+ hash bias keeps tracking the drifting features"),
 ]
+
+# Probed with `--stage probe` (first 100 steps, seed 0): what the feature loss actually compares.
+PROBES: dict[str, dict[str, Any]] = {
+    "spec_start": {},
+    "pooled_t100": {"lsh_on": "pooled", "t0": 100},
+    "pooled_t100_s100": {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0},
+}
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -332,6 +337,79 @@ def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) 
     }
 
 
+# -- probe: what the feature loss sees ----------------------------------------------------
+
+
+def probe(b: Budget, data: str, teacher: Path, changes: dict[str, Any], steps: int,
+          every: int) -> list[dict[str, Any]]:
+    """Train DSKD for `steps` steps (seed 0 subset) and measure what its feature loss compares.
+
+    Per checkpoint: loss terms; relative distance of f̂ from f_s (per position and pooled);
+    share of hash bits of f̂ that disagree with f_s's; bit balance of f̂; how far guidance moves
+    f̂ (vs s = 0 on the same noise); the teacher classifier's accuracy on A(f_s) and A(f̂).
+    """
+    import torch.nn.functional as F
+
+    from dskd.data import augment, class_balanced_subset, load_data
+    from dskd.methods import create_distiller
+    from dskd.models import create_model
+    from dskd.trainer import autocast_for, load_teacher
+
+    torch.manual_seed(0)
+    bundle = load_data(data, progress=False)
+    idx = class_balanced_subset(bundle.train_y, b.subset, seed=0)
+    xs, ys = bundle.train_x[idx], bundle.train_y[idx]
+    t_model, _ = load_teacher(str(teacher), bundle.class_names, 3)
+    student = create_model(b.student, num_classes=len(bundle.class_names))
+    d = create_distiller("dskd", student, t_model, {**SPEC_START, **changes}).train()
+    opt = torch.optim.SGD(list(d.trainable_parameters()), lr=b.lr, momentum=0.9, weight_decay=b.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    total = b.epochs * (int(b.subset * (1 - b.holdout)) // b.batch)
+    pooled = d.options["lsh_on"] == "pooled"
+    rows = []
+    for step in range(steps + 1):
+        pick = torch.randint(0, len(xs), (b.batch,), generator=gen)
+        x, y = augment(xs[pick], bundle.mean, bundle.std, generator=gen), ys[pick]
+        with autocast_for(b.precision, torch.device("cpu")):
+            _, losses = d(x, y, step / total)
+        if step % every == 0:
+            with torch.no_grad(), autocast_for(b.precision, torch.device("cpu")):
+                z_t, _ = d.teacher_outputs(x)
+                f_s = student.forward_features(x).float()
+            target, noise = d.guidance_target(y, z_t), torch.randn_like(f_s)
+            f0, _ = d.denoise(f_s, target, noise=noise, scale=0.0)
+            f1, _ = d.denoise(f_s, target, noise=noise)
+            with torch.no_grad():
+                def view(f: torch.Tensor) -> torch.Tensor:
+                    return f.mean(dim=(2, 3)) if pooled else f
+
+                def acc(f: torch.Tensor, y: torch.Tensor = y) -> float:
+                    return float((d.teacher_classifier(f).argmax(1) == y).float().mean())
+
+                bits = d.lsh.hash(view(f1)) if d.lsh is not None else None
+                ps, p1 = f_s.mean(dim=(2, 3)), f1.mean(dim=(2, 3))
+                rows.append({
+                    "step": step,
+                    "losses": {k: round(float(v), 3) for k, v in losses.items()},
+                    "feature_norm_per_position": round(float(f_s.norm(dim=1).mean()), 3),
+                    "rel_dist_spatial": round(float((f1 - f_s).norm(dim=1).mean() / f_s.norm(dim=1).mean()), 3),
+                    "rel_dist_pooled": round(float((p1 - ps).norm(dim=1).mean() / ps.norm(dim=1).mean()), 3),
+                    "bits_disagree": None if bits is None else round(float((d.lsh.hash(view(f_s)) != bits).float().mean()), 3),
+                    "bit_balance_min_max": None if bits is None else [
+                        round(float(v), 2) for v in bits.transpose(0, 1).reshape(bits.shape[1], -1).mean(1).aminmax()],
+                    "guidance_shift": round(float((f1 - f0).norm() / f_s.norm()), 4),
+                    "teacher_acc_f_s": round(acc(f_s), 3), "teacher_acc_f_hat_s0": round(acc(f0), 3),
+                    "teacher_acc_f_hat": round(acc(f1), 3),
+                    "teacher_logp_f_s_f_hat": [round(float(F.log_softmax(d.teacher_classifier(f).float(), 1)
+                                                           .gather(1, y[:, None]).mean()), 3) for f in (f_s, f1)],
+                })
+        loss = sum(v.float() for v in losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return rows
+
+
 # -- rendering -----------------------------------------------------------------------------
 
 
@@ -387,8 +465,7 @@ def verdict(data: dict[str, Any], budget: Budget) -> list[str]:
 
 
 def render(data: dict[str, Any], results_path: Path) -> str:
-    b = Budget(**{**data["budget"], "seeds": tuple(data["budget"]["seeds"]),
-                  "tune_seeds": tuple(data["budget"]["tune_seeds"])})
+    b = Budget(**{**data["budget"], "seeds": tuple(data["budget"]["seeds"])})
     t = data.get("teacher") or {}
     m = data.get("machine", {})
     rel = os.path.relpath(results_path, ROOT)
@@ -425,13 +502,40 @@ def render(data: dict[str, Any], results_path: Path) -> str:
             f"({int(round(b.subset * b.holdout))} held-out train images). "
             "Changes are relative to the spec's starting values "
             f"(`{json.dumps(SPEC_START)}`).", "",
-            "| variant | changes | what it tests | holdout top-1 | seed | final loss terms |",
+            "| variant | changes | what it tests | holdout top-1 per seed | mean | final loss terms (seed 0) |",
             "|---|---|---|---|---|---|",
         ]
+        by_variant: dict[str, list[dict[str, Any]]] = {}
         for r in tuning:
+            by_variant.setdefault(r["variant"], []).append(r)
+        for vname, runs in by_variant.items():
+            r = runs[0]
+            per_seed = ", ".join(f"{x['holdout_top1']:.1f} (s{x['seed']})" for x in runs)
+            m = statistics.fmean(x["holdout_top1"] for x in runs)
             losses = ", ".join(f"{k[5:]} {v:.3g}" for k, v in r.get("final_losses", {}).items())
-            out.append(f"| {r['variant']} | `{json.dumps(r['changes'])}` | {r.get('why', '')} | "
-                       f"{r['holdout_top1']:.2f} | {r['seed']} | {losses} |")
+            out.append(f"| {vname} | `{json.dumps(r['changes'], ensure_ascii=False)}` | {r.get('why', '')} | "
+                       f"{per_seed} | {m:.2f} | {losses} |")
+        out.append("")
+    probes = data.get("probe") or {}
+    if probes:
+        out += [
+            "### Probe: what DSKD's feature loss compares (seed 0, first training steps)", "",
+            "`--stage probe`: DSKD trained for a few steps; at each checkpoint f̂ is sampled again "
+            "with guidance (s as configured) and without (s = 0) from the same noise.", "",
+            "| config | step | ‖f̂−f_s‖/‖f_s‖ per position | pooled | bits of f̂ ≠ bits of f_s | bit balance min–max "
+            "| guidance shift ‖f̂−f̂(s=0)‖/‖f_s‖ | teacher-head acc f_s / f̂(s=0) / f̂ | feature loss |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for pname, entry in probes.items():
+            for row in entry["rows"]:
+                bal = row["bit_balance_min_max"]
+                feat = row["losses"].get("lsh", row["losses"].get("feat_mse", float("nan")))
+                out.append(
+                    f"| {pname} | {row['step']} | {row['rel_dist_spatial']:.2f} | {row['rel_dist_pooled']:.2f} | "
+                    f"{row['bits_disagree'] if row['bits_disagree'] is not None else '—'} | "
+                    f"{f'{bal[0]:.2f}–{bal[1]:.2f}' if bal else '—'} | {row['guidance_shift']:.3f} | "
+                    f"{row['teacher_acc_f_s']:.2f} / {row['teacher_acc_f_hat_s0']:.2f} / {row['teacher_acc_f_hat']:.2f} | "
+                    f"{feat:.3g} |")
         out.append("")
     cost = data.get("cost") or {}
     if cost:
@@ -485,11 +589,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the budget's student epochs")
     p.add_argument("--subset", type=int, help="override the budget's student subset (images)")
     p.add_argument("--seeds", type=str, help="override the budget's seeds, e.g. 0,1,2")
-    p.add_argument("--stage", choices=("all", "teacher", "cost", "cells", "tune", "render"), default="all")
+    p.add_argument("--stage", choices=("all", "teacher", "cost", "cells", "tune", "probe", "render"), default="all")
+    p.add_argument("--tune-seeds", type=str, default="0", help="seeds of --stage tune, e.g. 0,1")
     p.add_argument("--only", type=str, help="comma-separated variant names to run (cells or tune)")
     p.add_argument("--shard", type=str, default="0/1", help="K/N: run every N-th pending cell from K")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new cell after this long")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
+    p.add_argument("--probe-steps", type=int, default=100)
+    p.add_argument("--probe-every", type=int, default=25)
     p.add_argument("--cost-steps", type=int, default=8)
     p.add_argument("--cost-rounds", type=int, default=3)
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -550,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "tune":
             done = results.load().get("tuning", {})
             for order, (vname, changes, why) in enumerate(TUNING):
-                for s in b.tune_seeds:
+                for s in (int(v) for v in args.tune_seeds.split(",")):
                     if (only is not None and vname not in only) or f"{vname}/seed{s}" in done:
                         continue
                     if not time_left():
@@ -561,6 +668,14 @@ def main(argv: list[str] | None = None) -> int:
                     rec.update(changes=changes, why=why, order=order)
                     results.update(lambda d, rec=rec, key=f"{vname}/seed{s}": d["tuning"].__setitem__(key, rec))
                     print(f"[bench] tune {vname} seed {s}: holdout top-1 {rec['holdout_top1']:.2f}", flush=True)
+        if args.stage == "probe":
+            for pname, changes in PROBES.items():
+                if only is not None and pname not in only:
+                    continue
+                print(f"[bench] probe {pname}", flush=True)
+                rows = probe(b, data, teacher, changes, args.probe_steps, args.probe_every)
+                entry = {"changes": changes, "rows": rows}
+                results.update(lambda d, e=entry, key=pname: d.setdefault("probe", {}).__setitem__(key, e))
         final = results.update(lambda d: None)
         if not args.no_docs and name == "default" or args.stage == "render":
             write_docs(render(final, results_path), args.docs)

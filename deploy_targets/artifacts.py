@@ -58,6 +58,47 @@ def artifact_format(path: str | Path) -> str:
     )
 
 
+def onnx_input_chw(path: str | Path) -> tuple[int | None, ...] | None:
+    """(C, H, W) of an ONNX model's image input (None for a dynamic dim); UserError if no model.
+
+    Checked before anything reaches a device: an empty or foreign file named .onnx parses
+    as an empty ModelProto that only the runtime (on the device) would reject.
+    Returns None when the onnx package is missing here (the runtime checks it then).
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(
+            f"artifact {path}: not a readable ONNX file ({' '.join(str(exc).split())[:160]}); re-export it"
+        ) from None
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if not graph.node or not inputs or not graph.output:
+        raise UserError(
+            f"artifact {path}: not an ONNX model (no graph inputs, outputs or nodes): re-export it"
+        )
+    if len(inputs) != 1:
+        raise UserError(
+            f"artifact {path}: has {len(inputs)} inputs; targets feed one N×C×H×W image batch"
+        )
+    tensor = inputs[0].type.tensor_type
+    if not tensor.HasField("shape"):
+        return (None, None, None)
+    dims = tensor.shape.dim
+    if len(dims) != 4:
+        raise UserError(
+            f"artifact {path}: input '{inputs[0].name}' has rank {len(dims)}; "
+            "targets feed N×C×H×W images"
+        )
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])
+
+
 def detected_precision(path: str | Path, fmt: str) -> str | None:
     """fp32/int8 when the file tells; None for TensorRT engines (the caller must say)."""
     if fmt == "onnx-qdq":

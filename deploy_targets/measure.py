@@ -21,7 +21,13 @@ from dskd.atomic import write_json
 from dskd.errors import UserError
 
 from . import remote
-from .artifacts import artifact_format, companion_files, detected_precision, sha256_of
+from .artifacts import (
+    artifact_format,
+    companion_files,
+    detected_precision,
+    onnx_input_chw,
+    sha256_of,
+)
 from .errors import DeviceError
 from .evalset import check_eval_npz
 from .registry import REACH_LOCAL, REACH_SSH, Target, get_target, is_jetson, remote_python_command
@@ -141,7 +147,33 @@ def _check_precision(target: Target, fmt: str, path: Path, precision: str | None
     return precision
 
 
+def _check_input_fits(
+    path: Path, fmt: str, eval_chw: tuple[int, ...] | None, input_shape: tuple[int, ...] | None
+) -> None:
+    """Refuse an ONNX file that is no model, or whose input does not fit the images, up front."""
+    if fmt not in ("onnx", "onnx-qdq"):
+        return
+    model_chw = onnx_input_chw(path)
+    for given, what in ((eval_chw, "the eval set's images are"), (input_shape, "--input-shape is")):
+        if model_chw is None or not given:
+            continue
+        given = tuple(int(g) for g in given)
+        if len(given) != 3 or any(
+            m is not None and m != g for m, g in zip(model_chw, given, strict=True)
+        ):
+            want = "×".join("?" if m is None else str(m) for m in model_chw)
+            raise UserError(
+                f"artifact {path}: takes C×H×W {want} but {what} {'×'.join(map(str, given))}: "
+                "use the eval set (input size, channels) the model was trained for, or the matching artifact"
+            )
+
+
 def _batch_sizes(values: Any) -> list[int]:
+    """1, "1,8", (1, 8) -> [1, 8]; anything else is a one-line UserError."""
+    if isinstance(values, str):
+        values = [v for v in values.replace(" ", "").split(",") if v]
+    elif isinstance(values, int):
+        values = [values]
     try:
         out = [int(v) for v in values]
     except (TypeError, ValueError) as exc:
@@ -274,8 +306,8 @@ def measure(
     threads = int(threads or tgt.threads or 1)
     if threads < 1 or eval_batch_size < 1:
         raise UserError("--threads and the eval batch size must be >= 1")
-    if eval_set is not None:
-        check_eval_npz(eval_set)
+    eval_chw = check_eval_npz(eval_set)["chw"] if eval_set is not None else None
+    _check_input_fits(path, fmt, eval_chw, input_shape)
     if timeout_s <= 0:
         raise UserError(f"timeout {timeout_s}: must be > 0 seconds")
     spec = resolve_where(tgt, device)

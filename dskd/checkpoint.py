@@ -13,14 +13,16 @@ A checkpoint is a plain dict of tensors and primitives so that it loads with
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dskd.atomic import atomic_path
+from dskd.atomic import atomic_write
 from dskd.errors import UserError
 
 FORMAT = "dskd-model/1"
@@ -32,9 +34,25 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], met
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    payload = {"format": FORMAT, "state_dict": sd, "meta": dict(meta)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, {"format": FORMAT, "state_dict": sd, "meta": dict(meta)})
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """`torch.save` into memory, then one atomic write of the bytes.
+
+    Saving straight to disk turns a full disk into an opaque "unexpected pos" RuntimeError;
+    writing the bytes ourselves gives the real OSError (ENOSPC, EFBIG), reported here as one
+    line, and the rename never happens, so the previous file at `path` stays intact.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+    except OSError as exc:
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); free space on that disk "
+            f"and re-run (any previous {Path(path).name} is unchanged)"
+        ) from None
 
 
 def torch_load(path: str | os.PathLike) -> Any:
@@ -47,7 +65,7 @@ def torch_load(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _unpickling_reason(str(exc))
         raise UserError(
             f"{path}: refused to load: it holds objects beyond tensors and plain data "
             f"(possible code payload; {first[:160]}). Re-save it as a plain state_dict checkpoint"
@@ -55,6 +73,13 @@ def torch_load(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first[:160]})") from None
+
+
+def _unpickling_reason(text: str) -> str:
+    """The line of torch's refusal that names what was refused (its preamble suggests unsafe loading)."""
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    line = match.group(1) if match else (text.strip().splitlines() or ["UnpicklingError"])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).split(" was not an allowed")[0].strip()
 
 
 def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dskd import atomic
-from dskd.checkpoint import build_model, file_sha256, save_model, torch_load
+from dskd.checkpoint import build_model, file_sha256, save_model, save_torch, torch_load
 from dskd.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from dskd.errors import UserError
 
@@ -359,8 +359,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng_cpu": torch.get_rng_state(),
             }
-            with atomic.atomic_path(last_path) as tmp:
-                torch.save(state, tmp)
+            save_torch(last_path, state)
             atomic.append_line(metrics_path, json.dumps(record))
             if not _show_progress(dist_info):
                 print(f"[train] epoch {epoch + 1}/{cfg.epochs} " + " ".join(

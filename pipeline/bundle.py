@@ -97,10 +97,14 @@ def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], source_root:
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": BUNDLE_FORMAT, **meta, "artifacts": entries, "files": files}
         atomic.write_json(tmp / MANIFEST, manifest)
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
         bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if bundle_dir.exists():  # rename, not rmtree, first: a kill never leaves a half-deleted bundle
+            old = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.old-", dir=bundle_dir.parent))
+            os.replace(bundle_dir, old)
         os.replace(tmp, bundle_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -289,9 +289,10 @@ def bench(artifact: str, target: str = "cpu", device: str | None = None, data: s
              e.get("iterations")] for e in m.latency]
     print_table(f"{artifact} on {m.target} ({m.runtime}/{m.precision}, {m.where}, {m.threads} threads)",
                 ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CoV", "iters"], rows)
-    if m.accuracy:
-        print(f"top-1 {m.accuracy.get('top1'):.2f} % on {m.accuracy.get('n', '?')} images"
-              + (f", agreement with PyTorch {m.accuracy['agreement']:.2f} %" if m.accuracy.get("agreement") is not None else ""))
+    if m.accuracy:  # the runner reports fractions
+        agree = m.accuracy.get("agreement")
+        print(f"top-1 {100 * m.accuracy['top1']:.2f} % on {m.accuracy.get('n', '?')} images"
+              + (f", agreement with PyTorch {100 * agree:.2f} %" if agree is not None else ""))
     for w in m.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if out:
@@ -334,6 +335,22 @@ def verify(bundle: str) -> None:
         raise ExitCode(1)
 
 
+def methods(method: str | None = None) -> None:
+    """List the distillation methods and every option with its default (set them with --set / [student.options]).
+
+    Args:
+        method: show only this method.
+    """
+    from dskd.methods import list_methods, method_options
+    from pipeline.console import print_table
+
+    names = [method] if method else list_methods()
+    for name in names:
+        opts = method_options(str(name))
+        print_table(f"method {name}", ["option", "default", "meaning"],
+                    [[k, repr(o.default), getattr(o, "doc", "")] for k, o in opts.items()])
+
+
 COMMANDS: dict[str, Callable] = {
     "run": run,
     "train": train,
@@ -342,6 +359,7 @@ COMMANDS: dict[str, Callable] = {
     "bench": bench,
     "gate": gate,
     "verify": verify,
+    "methods": methods,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from pathlib import Path
@@ -140,6 +141,39 @@ def load_baseline(path: str | None) -> tuple[dict[str, Any] | None, Path | None]
     return report, p.parent
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Names the recipe knows only by value (target, formats, models, methods, options) are
+    checked here, before the lock and any training, so a typo costs seconds, not a teacher run."""
+    from deploy_targets.registry import get_target
+    from dskd.methods import resolve_method_options
+    from dskd.models import list_models
+    from export.formats import resolve_formats
+
+    src = recipe.source or "recipe"
+
+    def named(key: str, check: Any) -> None:
+        try:
+            check()
+        except UserError as exc:
+            raise UserError(f"{src}: key '{key}': {exc}") from None
+
+    named("target.name", lambda: get_target(recipe.target.name))
+    if recipe.export.formats:
+        named("export.formats", lambda: resolve_formats(recipe.export.formats))
+    for name in ("teacher", "student"):
+        section = getattr(recipe, name)
+        if name == "teacher" and section.checkpoint:
+            continue
+        if section.model not in list_models():
+            near = difflib.get_close_matches(section.model, list_models(), n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise UserError(f"{src}: key '{name}.model': unknown model '{section.model}': {hint}"
+                            f"choose from {', '.join(list_models())}")
+        method = "ce" if name == "teacher" else section.method  # the teacher stage always trains with CE
+        named(f"{name}.method", lambda m=method: resolve_method_options(m, {}))
+        named(f"{name}.options", lambda m=method, o=section.options: resolve_method_options(m, o))
+
+
 def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, baseline: str | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the report dict."""
     unknown = [f for f in (force or []) if f not in STAGE_NAMES and f != "all"]
@@ -148,6 +182,7 @@ def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, basel
     forced: set[str] = set()
     for f in force or []:
         forced |= set(STAGE_NAMES) if f == "all" else _downstream(f)
+    check_recipe(recipe)
     base_report, base_dir = load_baseline(baseline)
     with run_lock(run_dir):
         ctx = RunContext(run_dir=run_dir, recipe=recipe,

@@ -156,7 +156,8 @@ def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
     pct = {k: round(100.0 * acc[k], 4) if acc.get(k) is not None else None for k in ("top1", "agreement")}
     a.update(measured=True, top1=pct["top1"], agreement=pct["agreement"],
              latency_ms={k: lat.get(f"{k}_ms") for k in ("p50", "p90", "p99", "mean", "std")} | {"cov": lat.get("cov")},
-             latency_by_batch=m.latency, latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings,
+             latency_by_batch=[{k: v for k, v in e.items() if k != "samples_ms"} for e in m.latency],
+             latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings,
              where=m.where, environment=m.environment)
     return a
 

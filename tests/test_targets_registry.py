@@ -301,5 +301,13 @@ def test_measure_rejects_wrong_artifact_and_precision(tmp_path: Path):
         deploy_targets.measure(tmp_path / "m.engine", "cpu")
     with pytest.raises(UserError, match="--precision fp32: target x86-gpu ships fp16, int8"):
         deploy_targets.measure(tmp_path / "m.engine", "x86-gpu", precision="fp32")
-    with pytest.raises(UserError, match="--batch-sizes"):
-        deploy_targets.measure(tmp_path / "m.engine", "x86-gpu", batch_sizes=[0])
+    for bad in ([0], "1,x", "", 1.5):
+        with pytest.raises(UserError, match="--batch-sizes"):
+            deploy_targets.measure(tmp_path / "m.engine", "x86-gpu", batch_sizes=bad)
+
+
+def test_batch_sizes_accept_cli_spellings():
+    from deploy_targets.measure import _batch_sizes
+
+    assert _batch_sizes("1,8") == [1, 8] and _batch_sizes("16") == [16] and _batch_sizes(4) == [4]
+    assert _batch_sizes((8, 1, 8)) == [8, 1]

@@ -142,6 +142,11 @@ def test_runner_cli_protocol_and_accuracy(artifacts: dict, tmp_path: Path):
         assert 0 < e["min_ms"] <= e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"] <= e["max_ms"]
         assert e["cov"] == pytest.approx(e["std_ms"] / e["mean_ms"], rel=1e-3)
         assert e["latency_kind"] == "wall" and "gpu_compute" not in e
+        kept = e["samples_ms"]
+        assert 0 < len(kept) <= min(e["iterations"], runner.MAX_SAMPLES_KEPT)
+        assert (
+            min(kept) >= round(e["min_ms"], 5) - 1e-5 and max(kept) <= round(e["max_ms"], 5) + 1e-5
+        )
     pred = _ort_predictions(artifacts["onnx"], artifacts["x"])
     acc = res["accuracy"]
     assert acc["n"] == N_EVAL
@@ -268,6 +273,12 @@ def test_contended_runs_are_retried_then_flagged(monkeypatch: pytest.MonkeyPatch
     Sleepy.name = "tensorrt"  # GPU waits may sleep: recorded, never retried or flagged
     entry = runner.measure_latency(Sleepy(), np.zeros((1, 3, 2, 2), np.float32), 1, proto)
     assert not entry["contended"] and entry["attempts"] == 1
+
+
+def test_thin_samples_keeps_order_and_bound():
+    assert runner.thin_samples([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    thinned = runner.thin_samples([float(i) for i in range(2500)], limit=1000)
+    assert len(thinned) <= 1000 and thinned[:3] == [0.0, 3.0, 6.0] and thinned == sorted(thinned)
 
 
 def test_summarize_matches_numpy():

@@ -204,6 +204,15 @@ def time_calls(
     return Timing(wall, device, truncated, round(cpu_share, 4), preempted, others)
 
 
+MAX_SAMPLES_KEPT = 1000
+
+
+def thin_samples(samples_ms: list[float], limit: int = MAX_SAMPLES_KEPT) -> list[float]:
+    """At most `limit` samples, evenly strided in time order, for later statistics/plots."""
+    stride = max(1, -(-len(samples_ms) // limit))
+    return [round(v, 5) for v in samples_ms[::stride]]
+
+
 def summarize(samples_ms: list[float]) -> dict[str, float | int]:
     """p50/p90/p99/mean/std/CoV of latency samples in ms (std with ddof=1)."""
     a = np.asarray(samples_ms, dtype=np.float64)
@@ -261,6 +270,7 @@ def measure_latency(
     entry["preemptions"] = best.preemptions
     entry["attempts"] = attempts
     entry["contended"] = cpu_bound and best.contended(protocol)
+    entry["samples_ms"] = thin_samples(best.wall_ms)
     if best.device_ms:
         entry["gpu_compute"] = summarize(best.device_ms)
     entry["latency_kind"] = "host" if best.device_ms else "wall"
@@ -806,6 +816,7 @@ def trtexec_latency(
         cov_warning=entry["cov"] > protocol.cov_warn,
         gpu_compute=summarize(gpu),
         latency_kind="host",
+        samples_ms=thin_samples(host),
         timed_by="trtexec",
         trtexec_summary=summary,
     )

@@ -1,7 +1,7 @@
 """DSKD: teacher-guided student self-knowledge distillation with a feature diffusion model.
 
 A RECONSTRUCTION of Wang et al., arXiv 2602.02107 from its abstract (the full paper and
-code were unavailable); every "(choice)" of /work/shared/docs/dskd-method.md is an option.
+code were unavailable); every "(choice)" of the method spec (docs/dskd.md) is an option.
 
 Per step: a light denoiser learns the distribution of the student's own last feature
 map (L_diff); the student's features are partially noised (SDEdit, t0) and denoised by
@@ -61,7 +61,8 @@ class DSKD(Distiller):
         "guidance_form": Opt("gradient", str, "classifier-gradient or loss guidance", choices=("gradient", "loss")),
         **DIFFUSION_OPTIONS,
         "lsh_bits": Opt(None, int, "hash bits (None = 4 × student width)", nullable=True, low=1),
-        "lsh_on": Opt("spatial", str, "hash each position or the pooled vector", choices=("spatial", "pooled")),
+        "lsh_on": Opt("spatial", str, "feature loss per position or on the pooled vector",
+                      choices=("spatial", "pooled")),
         "lsh_std": Opt(1.0, float, "std of the random projection", low=1e-8),
         "lsh_bias_batches": Opt(20, int, "batches whose medians set the hash bias", low=1),
         "lsh_bias_momentum": Opt(None, float, "then keep tracking the median by EMA (None = freeze)",
@@ -199,17 +200,19 @@ class DSKD(Distiller):
 
         mask = (z_t.argmax(dim=1) == y) if o["lsh_correct_only"] else None
         warm = ramp(progress, o["lsh_warmup"])
+        # The feature loss compares f_s and f̂ per position, or their pooled vectors (lsh_on);
+        # the MSE ablation and the μ term compare the same view, so swapping the loss is the only change.
+        pooled = o["lsh_on"] == "pooled"
+        f_in = f_s.float().mean(dim=(2, 3)) if pooled else f_s
+        hat_in = f_hat.mean(dim=(2, 3)) if pooled else f_hat
         if o["feature_loss"] == "lsh":
             assert self.lsh is not None
-            pooled = o["lsh_on"] == "pooled"
-            f_in = f_s.float().mean(dim=(2, 3)) if pooled else f_s
-            hat_in = f_hat.mean(dim=(2, 3)) if pooled else f_hat
             self.lsh.observe(hat_in)
             losses["lsh"] = warm * o["w_lsh"] * self.lsh.loss(f_in, hat_in, mask)
         else:
-            losses["feat_mse"] = warm * o["w_lsh"] * masked_mse(f_s, f_hat, mask)
+            losses["feat_mse"] = warm * o["w_lsh"] * masked_mse(f_in, hat_in, mask)
         if o["feature_mse"] > 0:
-            losses["mse"] = warm * o["feature_mse"] * masked_mse(f_s, f_hat, mask)
+            losses["mse"] = warm * o["feature_mse"] * masked_mse(f_in, hat_in, mask)
         return z_s, losses
 
     def cost_report(self, input_size: int = 32, in_chans: int = 3) -> dict[str, int]:

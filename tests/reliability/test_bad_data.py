@@ -1,0 +1,86 @@
+"""Bad data through `pipeline run`: one line naming the file or the mismatch, exit 2, nothing trained.
+
+Loader-level cases (archives, cache, the counted `skip_bad=True` skip) are in tests/test_data.py:
+test_corrupt_image_fails_then_skip_bad, test_zero_byte_image_in_archive,
+test_skip_bad_that_empties_a_class_is_an_error, test_bad_layouts. Export with calibration data of
+other classes or channels: tests/test_export.py::test_calibration_data_with_other_classes_or_channels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dskd.checkpoint import save_model
+from dskd.models import create_model
+from tests.reliability.conftest import run_main, set_args
+
+SMALL = {"data.input_size": 16, "data.in_chans": 1, "teacher.model": "resnet8", "teacher.epochs": 1,
+         "student.model": "resnet8", "student.epochs": 1, "student.method": "kd"}
+
+
+def image_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3) -> Path:
+    for split in ("train", "test"):
+        for i, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("L", (8, 8), 40 * i + j).save(root / split / cls / f"{j}.png")
+    return root
+
+
+def run_on(data: Path | str, tmp_path: Path, capsys: pytest.CaptureFixture[str], **overrides: object):
+    out = tmp_path / "run"
+    code, _, err = run_main(["run", "--data", str(data), "--out", str(out),
+                             *set_args({**SMALL, "data.cache_dir": str(tmp_path / "cache"), **overrides})], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0], out
+
+
+def assert_nothing_trained(out: Path) -> None:
+    assert not list((out / "stages").glob("*/last.pt")), "training started on bad data"
+    assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "not an image"])
+def test_unreadable_image_is_named(damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = image_folder(tmp_path / "data")
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes({"truncated": bad.read_bytes()[:30], "zero-byte": b"", "not an image": b"hello"}[damage])
+    msg, out = run_on(root, tmp_path, capsys)
+    assert f"{bad}: unreadable image" in msg
+    assert_nothing_trained(out)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = image_folder(tmp_path / "data")
+    for p in (root / "test" / "b").iterdir():
+        p.unlink()
+    msg, out = run_on(root, tmp_path, capsys)
+    assert f"{root}/test/b/: class folder has no images" in msg
+    assert_nothing_trained(out)
+
+
+def _teacher(path: Path, class_names: list[str], in_chans: int) -> Path:
+    model = create_model("resnet8", len(class_names), in_chans=in_chans)
+    save_model(path, model.state_dict(), {"model": "resnet8", "num_classes": len(class_names),
+                                          "class_names": class_names, "input_size": 16, "in_chans": in_chans,
+                                          "mean": [0.5] * in_chans, "std": [0.25] * in_chans, "method": "ce",
+                                          "top1": None})
+    return path
+
+
+def test_teacher_trained_on_other_classes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    teacher = _teacher(tmp_path / "teacher.pt", [f"c{i}" for i in range(10)], in_chans=1)
+    msg, out = run_on("digits", tmp_path, capsys, **{"teacher.checkpoint": str(teacher)})
+    assert f"{out}/stages/teacher-" in msg and "teacher classes ['c0', 'c1'" in msg and "differ from the data's" in msg
+    assert_nothing_trained(out)
+
+
+def test_grayscale_data_for_an_rgb_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    teacher = _teacher(tmp_path / "rgb.pt", [str(i) for i in range(10)], in_chans=3)
+    msg, out = run_on("digits", tmp_path, capsys, **{"teacher.checkpoint": str(teacher)})
+    assert "teacher takes 3 channels, data has 1; set in_chans to match" in msg
+    assert_nothing_trained(out)
