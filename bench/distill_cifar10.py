@@ -88,8 +88,13 @@ class Variant:
     label: str = ""
 
 
-# The six baselines and DSKD with its current defaults. DKD uses β = 2, the spec's value for a
-# ResNet→ResNet pair (ResNet56→20); everything else runs with the method's defaults.
+# DSKD's settings chosen on the holdout (`--stage tune`, see TUNING): the feature loss on pooled
+# features, shallower noising (t0 100) and a guidance scale large enough to move f̂ (s 100).
+# The library's defaults still carry the spec's starting values (a test pins them).
+DSKD_TUNED: dict[str, Any] = {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0}
+
+# The six baselines and DSKD. DKD uses β = 2, the spec's value for a ResNet→ResNet pair
+# (ResNet56→20); everything else runs with the method's defaults.
 MAIN = [
     Variant("ce", "ce", {}, "CE (student alone)"),
     Variant("kd", "kd", {}, "KD (0.1·CE + 0.9·τ²KL, τ=4)"),
@@ -97,13 +102,14 @@ MAIN = [
     Variant("fitnet", "fitnet", {}, "FitNet (hint MSE ×100)"),
     Variant("lshfm", "lshfm", {}, "LSHFM (pooled LSH ×6)"),
     Variant("diffkd", "diffkd", {}, "DiffKD-style"),
-    Variant("dskd", "dskd", {}, "DSKD (defaults)"),
+    Variant("dskd", "dskd", DSKD_TUNED, "DSKD (pooled LSH, t0 100, s 100)"),
 ]
 ABLATIONS = [
-    Variant("dskd_s0", "dskd", {"guidance_scale": 0.0}, "DSKD, guidance off (s = 0)"),
-    Variant("dskd_mse", "dskd", {"feature_loss": "mse"}, "DSKD, LSH replaced by MSE"),
-    Variant("dskd_soft", "dskd", {"guidance_target": "soft"}, "DSKD, soft guidance target"),
-    Variant("dskd_nofeat", "dskd", {"w_lsh": 0.0}, "DSKD, feature loss off (= CE + KD)"),
+    Variant("dskd_s0", "dskd", {**DSKD_TUNED, "guidance_scale": 0.0}, "DSKD, guidance off (s = 0)"),
+    Variant("dskd_mse", "dskd", {**DSKD_TUNED, "feature_loss": "mse"}, "DSKD, LSH replaced by MSE (pooled)"),
+    Variant("dskd_soft", "dskd", {**DSKD_TUNED, "guidance_target": "soft"}, "DSKD, soft guidance target"),
+    Variant("dskd_nofeat", "dskd", {**DSKD_TUNED, "w_lsh": 0.0}, "DSKD, feature loss off (= CE + KD)"),
+    Variant("dskd_spec", "dskd", {}, "DSKD with the spec's starting values"),
 ]
 
 # The spec's starting point, spelled out so tuning records stay meaningful after defaults move.
@@ -131,6 +137,18 @@ PROBES: dict[str, dict[str, Any]] = {
     "pooled_t100": {"lsh_on": "pooled", "t0": 100},
     "pooled_t100_s100": {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0},
 }
+
+
+def cell_order(seeds: tuple[int, ...]) -> list[tuple[Variant, int]]:
+    """Fewest seeds first: the methods and the cheap ablations at the first seed, then the
+    methods at every further seed (the goal needs their spread), then the remaining ablation seeds;
+    the slow spatial spec-start DSKD comes last."""
+    cheap, slow = ABLATIONS[:-1], ABLATIONS[-1:]
+    order = [(v, seeds[0]) for v in MAIN + cheap]
+    order += [(v, s) for s in seeds[1:] for v in MAIN]
+    order += [(v, s) for s in seeds[1:] for v in cheap]
+    order += [(v, s) for s in seeds for v in slow]
+    return order
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -325,10 +343,13 @@ def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) 
             for _ in range(steps):
                 step()
             times[name].append((time.perf_counter() - t0) / steps)
-    per_step = {name: statistics.median(v) for name, v in times.items()}
+    # Load from other jobs only ever adds time, so the fastest round is the best estimate of a
+    # method's own cost; the median is kept to show how noisy the machine was.
+    per_step = {name: min(v) for name, v in times.items()}
     return {
-        "batch": b.batch, "steps_per_round": steps, "rounds": rounds, "statistic": "median over rounds",
+        "batch": b.batch, "steps_per_round": steps, "rounds": rounds, "statistic": "min over rounds",
         "s_per_step": {k: round(v, 4) for k, v in per_step.items()},
+        "s_per_step_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
         "ratio_vs_ce": {k: round(v / per_step["ce"], 2) for k, v in per_step.items()},
         "ratio_vs_kd": {k: round(v / per_step["kd"], 2) for k, v in per_step.items()},
         "dskd_cost_report": reports["dskd"], "diffkd_cost_report": reports["diffkd"],
@@ -542,13 +563,15 @@ def render(data: dict[str, Any], results_path: Path) -> str:
         cr = cost["dskd_cost_report"]
         out += [
             "### Training cost (same teacher/student pair, same process, same batch)", "",
-            f"Median over {cost['rounds']} interleaved rounds of {cost['steps_per_round']} steps, batch "
+            f"Fastest of {cost['rounds']} interleaved rounds of {cost['steps_per_round']} steps (median in "
+            "brackets: the spread is load from other jobs), batch "
             f"{cost['batch']}, {b.precision}, {cost['machine'].get('torch_threads')} thread(s), "
             f"load average {cost['machine'].get('load_avg_1m')} when measured.", "",
             "| method | s / step | × CE | × KD | training-only params |", "|---|---|---|---|---|",
         ]
         for name, sec in cost["s_per_step"].items():
-            out.append(f"| {name} | {sec:.3f} | {cost['ratio_vs_ce'][name]:.2f} | {cost['ratio_vs_kd'][name]:.2f} | "
+            med = cost.get("s_per_step_median", {}).get(name, float("nan"))
+            out.append(f"| {name} | {sec:.3f} ({med:.3f}) | {cost['ratio_vs_ce'][name]:.2f} | {cost['ratio_vs_kd'][name]:.2f} | "
                        f"{cost['training_only_params'].get(name, 0):,} |")
         out += [
             "",
@@ -597,8 +620,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-every", type=int, default=25)
-    p.add_argument("--cost-steps", type=int, default=8)
-    p.add_argument("--cost-rounds", type=int, default=3)
+    p.add_argument("--cost-steps", type=int, default=5)
+    p.add_argument("--cost-rounds", type=int, default=6)
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=None, help="run folders (default runs/distill_cifar10/BUDGET)")
     p.add_argument("--results", type=Path, default=None)
@@ -643,10 +666,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(lambda d: d.__setitem__("cost", cost))
                 print(f"[bench] s/step {cost['s_per_step']}", flush=True)
         if args.stage in ("all", "cells"):
-            plan = [(v, s) for s in b.seeds for v in MAIN + ABLATIONS if only is None or v.name in only]
-            done = results.load().get("cells", {})
-            pending = [(v, s) for v, s in plan if f"{v.name}/seed{s}" not in done][k::n]
-            for v, s in pending:
+            plan = [(v, s) for v, s in cell_order(b.seeds) if only is None or v.name in only]
+            mine = plan[k::n]  # by position in the full plan, so shards never overlap
+            for v, s in mine:
+                if f"{v.name}/seed{s}" in results.load().get("cells", {}):
+                    continue
                 if not time_left():
                     print("[bench] --max-minutes reached; rerun to continue", flush=True)
                     break

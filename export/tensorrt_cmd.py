@@ -210,7 +210,7 @@ def build_script(precisions: list[str], chw: tuple[int, int, int], onnx_fp32: st
         "write_info() {  # engine precision: record what built it, beside it",
         "  local gpu",
         "  gpu=\"$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)\"",
-        "  [ -n \"$gpu\" ] || gpu=\"$(tr -d '\\000' </proc/device-tree/model 2>/dev/null || echo unknown)\"",
+        "  [ -n \"$gpu\" ] || gpu=\"$(tr -d '\\000' 2>/dev/null </proc/device-tree/model || echo unknown)\"",
         "  printf '{\"tensorrt_version\": \"%s\", \"gpu_name\": \"%s\", \"precision\": \"%s\", "
         "\"built_by\": \"build_trtexec.sh\", \"built_utc\": \"%s\"}\\n' "
         "\"$TRT_VERSION\" \"${gpu//\\\"/}\" \"$2\" \"$(date -u +%FT%TZ)\" >\"$1.json\"",

@@ -66,6 +66,7 @@ class TargetConfig:
     name: str = "cpu"
     device: str = ""
     python: str = "python3"
+    trtexec: str = ""
     threads: int = 0
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     min_iters: int = 200

@@ -37,7 +37,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     for a in deploy["artifacts"]:
         row = {k: a.get(k) for k in ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1",
                                      "agreement", "latency_ms", "shipped", "where", "warnings", "latency_note",
-                                     "baseline_comparison", "latency_by_batch", "latency_samples_ms", "prepared")}
+                                     "baseline_comparison", "latency_by_batch", "latency_samples_ms", "prepared", "engine_build")}
         row["measured"] = bool(a.get("measured"))
         if not row["measured"]:
             row["not_measured_reason"] = a.get("not_measured_reason")
@@ -89,6 +89,8 @@ def _report_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     shipped = [a for a in report["artifacts"] if a.get("shipped") and a.get("path")]
     # Engines are built on the device: ship what it builds them from (ONNX, Q/DQ ONNX, build script).
     extra = [ctx.run_dir / p for a in report["artifacts"] for p in (a.get("prepared") or [])]
+    # An engine only runs on the GPU and TensorRT version that built it: keep that record beside it.
+    extra += [ctx.run_dir / a["engine_build"]["info"] for a in shipped if a.get("engine_build")]
     tar = write_bundle(ctx.run_dir / "bundle" / report["target"]["name"], shipped, ctx.run_dir,
                        _bundle_meta(ctx, report), sorted(set(extra)))
     return {**files, "bundle": str(tar.relative_to(ctx.run_dir))}

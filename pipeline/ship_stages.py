@@ -98,7 +98,7 @@ def _optimize_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- deploy: measure on the target
 def _deploy_config(ctx: RunContext) -> dict[str, Any]:
     t = ctx.recipe.target
-    cfg = {k: getattr(t, k) for k in ("name", "device", "python", "threads", "batch_sizes", "min_iters",
+    cfg = {k: getattr(t, k) for k in ("name", "device", "python", "trtexec", "threads", "batch_sizes", "min_iters",
                                        "min_seconds", "warmup_seconds")}
     base = ctx.options.get("baseline_report")
     cfg["baseline"] = stable_hash(base) if base else None
@@ -209,18 +209,70 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
             # still says whether quantization kept the model intact before anything reaches a device.
             m = _measure(ctx, path, CPU_REFERENCE_TARGET, a["precision"], eval_set, None, [1])
             results.append(dict(_record(a, m), latency_note="measured on this machine's CPU, not on the target"))
-    for sk in ctx.out("optimize").get("skipped", []):
+    skipped = [sk for sk in ctx.out("optimize").get("skipped", [])
+               if _format_spec(sk["format"]).runtime == tgt.runtime
+               and _format_spec(sk["format"]).precision in tgt.precisions]
+    kit = sorted({ctx.folder("optimize") / p for sk in skipped for p in sk.get("prepared", [])})
+    for sk in skipped:
         spec = _format_spec(sk["format"])
-        if spec.runtime == tgt.runtime and spec.precision in tgt.precisions:
-            why = sk["reason"] if ok else f"{reason}; {sk['reason']}"
-            results.append({"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
-                            "sha256": None, "size_bytes": None, "shipped": True, "measured": False, "top1": None,
-                            "latency_ms": None, "not_measured_reason": why, "parity": sk.get("parity"),
-                            "prepared": [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir))
-                                         for p in sk.get("prepared", [])]})
-    env = next((r.get("environment") for r in results if r.get("environment")), None)
+        why = sk["reason"] if ok else f"{reason}; {sk['reason']}"
+        row = {"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
+               "sha256": None, "size_bytes": None, "shipped": True, "measured": False, "top1": None,
+               "latency_ms": None, "not_measured_reason": why, "parity": sk.get("parity"),
+               "prepared": [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir))
+                            for p in sk.get("prepared", [])]}
+        if ok and spec.runtime == "tensorrt":
+            row = _engine_row(ctx, folder, row, kit, eval_set, device)
+        results.append(row)
+    # the target's environment: a shipped artifact's, not the CPU reference run beside a TensorRT target
+    env = next((r.get("environment") for r in sorted(results, key=lambda r: not r.get("shipped"))
+                if r.get("environment")), None)
     return {"artifacts": results, "target_available": ok, "reason": "" if ok else reason,
             "eval_set": "eval.npz", "environment": env, "runtime": tgt.runtime}
+
+
+def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Path], eval_set: Path,
+                device: str | None) -> dict[str, Any]:
+    """Build the engine on the target from the optimize stage's kit, then measure it there.
+
+    Engines are device-specific, so they are built where they run (over SSH or on this
+    Jetson / GPU box) and land in this stage's `engines/` with a JSON of TensorRT version
+    and GPU beside each. A failed build or measurement is recorded, never raised.
+    """
+    from deploy_targets.engine_build import build_engines
+    from dskd.errors import UserError
+
+    t = ctx.recipe.target
+    tgt = _target(ctx)
+    label = f"{row['runtime']}/{row['precision']}"
+    try:
+        built = build_engines(kit, [row["precision"]], device, out_dir=folder / "engines",
+                              remote_python=t.python, timeout_s=t.timeout_s,
+                              trtexec=t.trtexec or None)[row["precision"]]
+    except UserError as exc:
+        ctx.log(f"  {label}: engine not built: {exc}")
+        return dict(row, not_measured_reason=f"engine build failed: {exc}")
+    engine = built.local_engine_path
+    a = dict(row, path=str(engine.relative_to(ctx.run_dir)), sha256=built.sha256,
+             size_bytes=engine.stat().st_size, not_measured_reason=None,
+             engine_build={"tensorrt_version": built.tensorrt_version, "gpu_name": built.gpu_name,
+                           "where": built.where, "build_seconds": built.build_seconds,
+                           "info": str(built.info_path.relative_to(ctx.run_dir)),
+                           "log": str(built.log_path.relative_to(ctx.run_dir))})
+    ctx.log(f"  {label}: engine built on {built.where} (TensorRT {built.tensorrt_version}, "
+            f"{built.gpu_name}) in {built.build_seconds:.1f} s")
+    try:
+        m = _measure(ctx, engine, tgt.name, row["precision"], eval_set, device, t.batch_sizes)
+    except UserError as exc:
+        ctx.log(f"  {label}: not measured: {exc}")
+        return dict(a, measured=False, not_measured_reason=str(exc))
+    out = _record(a, m)
+    out.pop("not_measured_reason", None)
+    base_art = _baseline_artifact(ctx.options.get("baseline_report"), ctx.options.get("baseline_dir"), out)
+    if base_art is not None:
+        out["baseline_comparison"] = _interleaved_ratio(ctx, engine, base_art, tgt.name, row["precision"], device)
+    ctx.log(f"  {label}: top1 {out['top1']:.2f} %, p50 {out['latency_ms']['p50']:.3f} ms")
+    return out
 
 
 def _format_spec(name: str):

@@ -12,7 +12,15 @@ import signal
 from pathlib import Path
 
 from pipeline.report import validate_report
-from tests.reliability.conftest import TINY, assert_no_torn_files, cli, copy_run, set_args, start_cli, wait_for
+from tests.reliability.conftest import (
+    TINY,
+    assert_no_torn_files,
+    cli,
+    copy_run,
+    set_args,
+    start_cli,
+    wait_for,
+)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,327 @@
+"""Building TensorRT engines where they run (over a real sshd, or locally), then measuring them.
+
+TensorRT cannot exist here, so the device side uses TEST DOUBLES, clearly named:
+* a FAKE `trtexec` (a Python script) that prints trtexec's version banner, checks the
+  flags build_trtexec.sh passes and writes a FAKE engine (JSON) where --saveEngine says;
+* the FAKE `tensorrt` / `pycuda.driver` modules of tests/test_targets_trtexec.py, which run
+  that JSON "engine" with numpy inside the real runner.
+Everything else is real: the kit's build_trtexec.sh from export.tensorrt_cmd, bash, sshd,
+ssh/scp, the runner, and the pipeline's stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy_targets import DeviceError, Protocol, measure, write_eval_npz
+from deploy_targets.engine_build import TRTEXEC_CANDIDATES, build_engines
+from dskd.errors import UserError
+from export.tensorrt_cmd import build_script
+from tests._sshd import Sshd, sshd_missing_reason, sshd_server
+from tests.test_targets_trtexec import FAKE_PYCUDA_DRIVER, FAKE_TENSORRT
+
+needs_sshd = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
+pytestmark = pytest.mark.timeout(180)
+
+FAST = Protocol(warmup_seconds=0.02, min_iters=15, min_seconds=0.05, contention_retries=0)
+CHW = (3, 8, 8)
+CLASSES = 4
+
+FAKE_TRTEXEC = '''#!{python}
+"""FAKE trtexec for tests (NOT NVIDIA's). Mode: {mode}.
+Prints the version banner trtexec prints first, checks the build flags of TensorRT 10.x
+and writes a FAKE engine: JSON that the FAKE tensorrt module runs (logits = GAP(x) @ w.T)."""
+import hashlib, json, os, random, sys, time
+print("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # " + " ".join(sys.argv), flush=True)
+if "--help" in sys.argv:
+    print("=== Build Options ===")
+    sys.exit(0)
+mode = {mode!r}
+if mode == "fail":
+    print("[E] [TRT] ModelImporter.cpp:771: ERROR: No importer registered for op: FakeOp")
+    print("&&&& FAILED TensorRT.trtexec [TensorRT v100300]")
+    sys.exit(1)
+if mode == "slow":
+    time.sleep(120)
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+flags = sorted(a for a in sys.argv[1:] if "=" not in a)
+onnx = args["onnx"]
+int8 = onnx.endswith(".qdq.onnx")
+assert ("--int8" in flags) == int8 and "--fp16" in flags and "--skipInference" in flags, sys.argv
+assert args["memPoolSize"].startswith("workspace:") and args["timingCacheFile"], sys.argv
+import onnx as onnx_lib
+model = onnx_lib.load(onnx)
+classes = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+dims = [int(d) for d in args["maxShapes"].split(":")[1].split("x")]
+blob = open(onnx, "rb").read()
+rng = random.Random(hashlib.sha256(blob).hexdigest() + str(int8))
+w = [[rng.gauss(0.0, 1.0) for _ in range(dims[1])] for _ in range(classes)]
+json.dump({{"w": w, "chw": dims[1:], "max_batch": dims[0], "fake_engine_from": os.path.basename(onnx),
+            "onnx_sha256": hashlib.sha256(blob).hexdigest(), "flags": flags}}, open(args["saveEngine"], "w"))
+print("[I] Engine built in 0.01 sec.")
+print("&&&& PASSED TensorRT.trtexec [TensorRT v100300]")
+'''
+
+FAKE_NVIDIA_SMI = '''#!/bin/sh
+# FAKE nvidia-smi for tests (NOT NVIDIA's): answers the GPU-name query only.
+echo "FAKE GPU 3000"
+'''
+
+
+def _tiny_onnx(path: Path) -> None:
+    """input N×3×8×8 -> GlobalAveragePool -> Flatten -> Gemm -> logits N×4 (a real ONNX model)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.linspace(-1, 1, CLASSES * CHW[0], dtype=np.float32).reshape(CLASSES, CHW[0]), "w")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+         helper.make_node("Gemm", ["f", "w"], ["logits"], transB=1)],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *CHW])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The kit (real build_trtexec.sh), the FAKE trtexecs and the FAKE tensorrt/pycuda modules."""
+    from dskd.checkpoint import file_sha256
+
+    root = tmp_path_factory.mktemp("trt_kit")
+    kit = root / "kit"
+    kit.mkdir()
+    _tiny_onnx(kit / "model.onnx")
+    shutil.copyfile(kit / "model.onnx", kit / "model.int8.qdq.onnx")  # the FAKE trtexec needs no real Q/DQ
+    sums = {n: file_sha256(kit / n) for n in ("model.onnx", "model.int8.qdq.onnx")}
+    script = kit / "build_trtexec.sh"
+    script.write_text(build_script(["fp16", "int8"], CHW, "model.onnx", "model.int8.qdq.onnx", sums,
+                                   batches=(1, 4, 8), workspace_mib=64))
+    bins = {}
+    for mode in ("ok", "fail", "slow"):
+        folder = root / f"bin-{mode}"
+        folder.mkdir()
+        bins[mode] = _write_exe(folder / "trtexec", FAKE_TRTEXEC.format(python=sys.executable, mode=mode))
+    _write_exe(root / "bin-ok" / "nvidia-smi", FAKE_NVIDIA_SMI)
+    lib = root / "lib"
+    (lib / "tensorrt").mkdir(parents=True)
+    (lib / "pycuda").mkdir()
+    (lib / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
+    (lib / "pycuda" / "__init__.py").write_text('"""FAKE pycuda package for tests."""\n')
+    (lib / "pycuda" / "driver.py").write_text(FAKE_PYCUDA_DRIVER)
+    return {"kit": sorted(kit.iterdir()), "kit_dir": kit, "trtexec": bins, "lib": lib, "root": root,
+            "python": f"env PYTHONPATH={lib} {sys.executable}"}
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    if sshd_missing_reason():
+        pytest.skip(str(sshd_missing_reason()))
+    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture()
+def remote_tmp(tmp_path: Path) -> Path:
+    """A temp base on the 'device' we can inspect for leftovers."""
+    base = tmp_path / "device-tmp"
+    base.mkdir()
+    return base
+
+
+def _processes_working_in(folder: Path) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "cwd").startswith(str(folder)):
+                    found.append(proc.name)
+            except OSError:
+                continue
+    return found
+
+
+def _one_line(exc: BaseException) -> str:
+    assert "\n" not in str(exc)
+    return str(exc)
+
+
+@needs_sshd
+def test_build_over_ssh_then_measure_the_downloaded_engine(sshd: Sshd, fakes: dict, tmp_path: Path,
+                                                          remote_tmp: Path):
+    out = tmp_path / "engines"
+    built = build_engines(fakes["kit"], ["fp16", "int8"], sshd.device, out_dir=out, ssh=sshd.options(),
+                          remote_python=fakes["python"], timeout_s=60, trtexec=str(fakes["trtexec"]["ok"]),
+                          remote_tmp=str(remote_tmp))
+    assert sorted(built) == ["fp16", "int8"]
+    assert list(remote_tmp.iterdir()) == []  # the private folder on the device is gone
+    for precision, b in built.items():
+        assert b.local_engine_path == out / f"model.{precision}.engine" and b.where == sshd.device
+        engine = json.loads(b.local_engine_path.read_text())
+        # built by the kit's script from the right ONNX with the TensorRT 10 flags of that precision
+        assert engine["fake_engine_from"] == ("model.int8.qdq.onnx" if precision == "int8" else "model.onnx")
+        assert ("--int8" in engine["flags"]) == (precision == "int8")
+        assert engine["chw"] == list(CHW) and engine["max_batch"] == 8
+        info = json.loads(b.info_path.read_text())
+        assert b.info_path.name == f"model.{precision}.engine.json"
+        assert info["tensorrt_version"] == b.tensorrt_version == "10.3.0"
+        assert info["gpu_name"] == b.gpu_name and b.gpu_name  # 'unknown' here: no GPU on the sshd host
+        assert info["engine_sha256"] == b.sha256 and info["built_on"] == sshd.device
+        assert info["trtexec"] == str(fakes["trtexec"]["ok"])
+        assert info["build_script_info"]["precision"] == precision  # the script's own JSON came back
+        assert "Engine built in" in b.log and b.log_path.read_text().startswith("&&&& RUNNING")
+    # the downloaded engine runs on the 'device' in the real runner (FAKE tensorrt there)
+    w = np.asarray(json.loads(built["fp16"].local_engine_path.read_text())["w"], np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (24, *CHW), dtype=np.uint8)
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    xn = (x / 255.0 - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)
+    y = (xn.mean(axis=(2, 3)) @ w.T).argmax(1)
+    y[:6] = (y[:6] + 1) % CLASSES  # six wrong labels: top-1 is 18/24 exactly
+    ev = write_eval_npz(tmp_path / "eval.npz", x, y, mean, std)
+    m = measure(built["fp16"].local_engine_path, "jetson-orin", eval_set=ev, device=sshd.device,
+                precision="fp16", ssh=sshd.options(), remote_python=fakes["python"], protocol=FAST,
+                remote_tmp=str(remote_tmp), batch_sizes=(1, 8))
+    assert m.accuracy["correct"] == 18 and m.where == sshd.device
+    assert m.environment["gpu"] == "FAKE GPU" and m.latency_at(8)["p50_ms"] > 0
+    assert list(remote_tmp.iterdir()) == []
+
+
+def test_local_build_finds_trtexec_on_path_and_records_the_gpu(fakes: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PATH", f"{fakes['trtexec']['ok'].parent}{os.pathsep}{os.environ['PATH']}")
+    built = build_engines(fakes["kit"], ["int8"], None, out_dir=tmp_path, timeout_s=60)
+    b = built["int8"]
+    assert b.where == "local" and b.gpu_name == "FAKE GPU 3000"  # from (FAKE) nvidia-smi
+    info = json.loads(b.info_path.read_text())
+    assert info["gpu_name"] == "FAKE GPU 3000" and info["trtexec"] == str(fakes["trtexec"]["ok"])
+    assert json.loads(b.local_engine_path.read_text())["fake_engine_from"] == "model.int8.qdq.onnx"
+    # an explicit version wins over the banner and picks the script's TensorRT 8.6 branch
+    again = build_engines(fakes["kit"], ["fp16"], None, out_dir=tmp_path / "v8", trt_version="8.6.1")
+    assert again["fp16"].tensorrt_version == "8.6.1"
+
+
+@needs_sshd
+def test_missing_trtexec_is_one_line_naming_host_and_fix(sshd: Sshd, fakes: dict, tmp_path: Path,
+                                                         remote_tmp: Path):
+    common = dict(out_dir=tmp_path, ssh=sshd.options(), remote_tmp=str(remote_tmp))
+    with pytest.raises(DeviceError) as err:
+        build_engines(fakes["kit"], ["fp16"], sshd.device, trtexec="/nonexistent/trtexec", **common)
+    msg = _one_line(err.value)
+    assert msg.startswith(f"{sshd.device}: /nonexistent/trtexec is not an executable file")
+    assert "install TensorRT / JetPack there or pass the trtexec path" in msg
+    if shutil.which("trtexec") is None and not any(Path(c).exists() for c in TRTEXEC_CANDIDATES):
+        with pytest.raises(DeviceError, match="trtexec not found .looked on PATH and in /usr/src/tensorrt"):
+            build_engines(fakes["kit"], ["fp16"], sshd.device, **common)
+    assert list(remote_tmp.iterdir()) == [] and list(tmp_path.iterdir()) == [remote_tmp]
+
+
+@needs_sshd
+def test_failing_build_keeps_the_log_and_names_the_error(sshd: Sshd, fakes: dict, tmp_path: Path,
+                                                         remote_tmp: Path):
+    out = tmp_path / "engines"
+    with pytest.raises(DeviceError) as err:
+        build_engines(fakes["kit"], ["fp16"], sshd.device, out_dir=out, ssh=sshd.options(),
+                      trtexec=str(fakes["trtexec"]["fail"]), remote_tmp=str(remote_tmp))
+    msg = _one_line(err.value)
+    assert "TensorRT fp16 engine build failed (exit status 1)" in msg
+    assert "No importer registered for op: FakeOp" in msg and str(out / "model.fp16.build.log") in msg
+    assert "FAILED TensorRT.trtexec" in (out / "model.fp16.build.log").read_text()
+    assert not (out / "model.fp16.engine").exists()
+    assert list(remote_tmp.iterdir()) == []
+
+
+@needs_sshd
+def test_build_timeout_is_bounded_and_cleans_up(sshd: Sshd, fakes: dict, tmp_path: Path, remote_tmp: Path):
+    with pytest.raises(DeviceError) as err:
+        build_engines(fakes["kit"], ["int8"], sshd.device, out_dir=tmp_path / "e", ssh=sshd.options(),
+                      trtexec=str(fakes["trtexec"]["slow"]), remote_tmp=str(remote_tmp), timeout_s=2)
+    assert "TensorRT int8 engine build did not finish within 2 s and was stopped" in _one_line(err.value)
+    assert list(remote_tmp.iterdir()) == []
+    assert _processes_working_in(remote_tmp) == []  # the fake trtexec was stopped, not left running
+
+
+def test_corrupted_kit_and_bad_arguments(fakes: dict, tmp_path: Path):
+    kit = tmp_path / "kit"
+    shutil.copytree(fakes["kit_dir"], kit)
+    (kit / "model.onnx").write_bytes((kit / "model.onnx").read_bytes() + b"\0")  # not what the script lists
+    trtexec = str(fakes["trtexec"]["ok"])
+    with pytest.raises(DeviceError, match="^local: .*kit arrived incomplete or corrupted"):
+        build_engines(sorted(kit.iterdir()), ["fp16"], None, out_dir=tmp_path / "o", trtexec=trtexec)
+    no_script = [p for p in fakes["kit"] if p.name != "build_trtexec.sh"]
+    with pytest.raises(UserError, match="kit lacks build_trtexec.sh"):
+        build_engines(no_script, ["fp16"], None, out_dir=tmp_path / "o", trtexec=trtexec)
+    with pytest.raises(UserError, match="engine precision 'fp32': choose from fp16, int8"):
+        build_engines(fakes["kit"], ["fp32"], None, out_dir=tmp_path / "o", trtexec=trtexec)
+    with pytest.raises(UserError, match="TensorRT version 'ten' not understood"):
+        build_engines(fakes["kit"], ["fp16"], None, out_dir=tmp_path / "o", trt_version="ten")
+
+
+# --------------------------------------------------------------------------- the pipeline, end to end
+def _user_ssh_config(sshd: Sshd, folder: Path) -> Path:
+    """Stand-in for the user's ~/.ssh/config: `ssh`/`scp` wrappers first on PATH add -F with a Host
+    entry for the test sshd (the pipeline passes no SSH options, like a user with a config)."""
+    folder.mkdir()
+    cfg = folder / "ssh_config"
+    cfg.write_text(f"Host 127.0.0.1\n  IdentityFile {sshd.client_key}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {sshd.known_hosts}\n")
+    for tool in ("ssh", "scp"):
+        _write_exe(folder / tool, f'#!/bin/sh\nexec {shutil.which(tool)} -F {cfg} "$@"\n')
+    return folder
+
+
+@needs_sshd
+def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fakes: dict, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    from dskd.checkpoint import file_sha256
+    from pipeline.recipe import load_recipe
+    from pipeline.run import execute
+
+    monkeypatch.setenv("PATH", f"{_user_ssh_config(sshd, tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
+    recipe = load_recipe("digits-smoke", {
+        "data.input_size": 8, "data.in_chans": 1, "data.limit_per_class": 20,
+        "teacher.model": "resnet8", "teacher.epochs": 1, "student.model": "resnet8", "student.epochs": 1,
+        "student.method": "kd", "export.calib_size": 32, "target.name": "jetson-orin",
+        "target.device": sshd.device, "target.python": fakes["python"], "target.batch_sizes": [1],
+        "target.min_iters": 10, "target.min_seconds": 0.05, "target.warmup_seconds": 0.02,
+        "target.timeout_s": 120.0, "target.allow_unmeasured": True,
+    })
+    recipe.target.trtexec = str(fakes["trtexec"]["ok"])  # FAKE trtexec on the 'device'
+    run_dir = tmp_path / "run"
+    report = execute(recipe, run_dir)
+    assert report["target"]["measured"] is True and report["target"]["environment"]["gpu"] == "FAKE GPU"
+    engines = {a["precision"]: a for a in report["artifacts"] if a["runtime"] == "tensorrt"}
+    assert sorted(engines) == ["fp16", "int8"]
+    deploy = json.loads(next((run_dir / "stages").glob("deploy-*/stage.json")).read_text())["outputs"]
+    for precision, a in engines.items():
+        rec = next(r for r in deploy["artifacts"] if r["format"] == a["format"])
+        assert a["measured"] is True and a["format"] == f"tensorrt-{precision}", a.get("not_measured_reason")
+        path = run_dir / a["path"]
+        assert path.name == f"model.{precision}.engine" and path.parent.name == "engines"
+        assert a["size_bytes"] == path.stat().st_size and a["shipped"] is True
+        assert a["sha256"] == file_sha256(path)
+        assert 0.0 <= a["top1"] <= 100.0 and a["latency_ms"]["p50"] > 0
+        assert a["where"] == sshd.device and rec["environment"]["gpu"] == "FAKE GPU"
+        info = json.loads((path.parent / f"{path.name}.json").read_text())
+        assert info["tensorrt_version"] == "10.3.0" and rec["engine_build"]["tensorrt_version"] == "10.3.0"
+        assert info["engine_sha256"] == a["sha256"] and (run_dir / rec["engine_build"]["log"]).exists()
+    # a failing build on the device is recorded with its reason; the run goes on
+    recipe.target.trtexec = str(fakes["trtexec"]["fail"])
+    report = execute(recipe, run_dir, force=["deploy"])
+    for a in (a for a in report["artifacts"] if a["runtime"] == "tensorrt"):
+        assert a["measured"] is False and a["path"] is None
+        assert a["not_measured_reason"].startswith(f"engine build failed: {sshd.device}: TensorRT")
+        assert "FakeOp" in a["not_measured_reason"]
