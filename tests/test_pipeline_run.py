@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = {
     "data.input_size": 16, "data.in_chans": 1,
     "teacher.model": "resnet14", "teacher.epochs": 8,
-    "student.model": "resnet8", "student.epochs": 6, "student.method": "kd",
+    "student.model": "resnet8", "student.epochs": 6, "student.method": "kd", "student.options": {},
     "target.min_iters": 30, "target.min_seconds": 0.2, "target.warmup_seconds": 0.05,
     "gates.min_top1": 50.0, "gates.max_top1_drop": 2.0, "gates.max_size_mb": 5.0, "gates.max_latency_ms": 1000.0,
 }
@@ -191,3 +191,24 @@ def test_bad_usage_exits_2_with_one_line(args: list[str], message: str, tmp_path
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines and lines[-1].startswith("error:") and message in lines[-1], proc.stderr
     assert not (tmp_path / "r" / "stages").exists()
+
+
+CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR10.exists(), reason=f"{CIFAR10} not present (the project's CIFAR-10 archive)")
+def test_cifar10_recipe_end_to_end_on_a_subset(tmp_path: Path):
+    tiny = {"data.spec": str(CIFAR10), "data.limit_per_class": 30,
+            "teacher.model": "resnet8", "teacher.epochs": 2, "teacher.precision": "fp32",
+            "student.model": "resnet8", "student.epochs": 1, "student.precision": "fp32",
+            "export.calib_size": 100,
+            "target.min_iters": 30, "target.min_seconds": 0.2, "target.warmup_seconds": 0.05,
+            "gates.min_top1": 0.0, "gates.max_top1_drop": 100.0, "gates.max_latency_ms": 1000.0}
+    report = execute(load_recipe("cifar10-resnet", tiny), tmp_path / "c10")
+    assert validate_report(report) == []
+    assert report["recipe"]["name"] == "cifar10-resnet" and report["student"]["method"] == "dskd"
+    assert report["passed"], [g for g in report["gates"] if not g["passed"]]
+    manifest = json.loads((tmp_path / "c10" / "bundle" / "cpu" / "manifest.json").read_text())
+    assert manifest["labels"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                  "ship", "truck"]
+    assert manifest["preprocessing"]["input_size"] == 32 and manifest["preprocessing"]["in_chans"] == 3

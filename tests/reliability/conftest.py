@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY: dict[str, object] = {
     "data.input_size": 16, "data.in_chans": 1,
     "teacher.model": "resnet8", "teacher.epochs": 4,
-    "student.model": "resnet8", "student.epochs": 2, "student.method": "kd",
+    "student.model": "resnet8", "student.epochs": 2, "student.method": "kd", "student.options": {},
     "export.calib_size": 100,
     "target.min_iters": 20, "target.min_seconds": 0.1, "target.warmup_seconds": 0.02,
     "gates.min_top1": 0.0, "gates.max_top1_drop": 100.0, "gates.max_size_mb": 5.0,
@@ -40,6 +40,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.reliability)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """In-process training and evaluation on one thread: fast and steady on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def child_env(**extra: str) -> dict[str, str]:

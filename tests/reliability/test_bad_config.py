@@ -41,7 +41,7 @@ CASES = {
 def test_bad_recipe_value_exits_2_naming_the_key(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     overrides, expected = CASES[case]
     out = tmp_path / "run"
-    code, _, err = run_main(["run", "--out", str(out), *set_args({"student.method": "kd", **overrides})], capsys)
+    code, _, err = run_main(["run", "--out", str(out), *set_args({"student.method": "kd", "student.options": {}, **overrides})], capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err

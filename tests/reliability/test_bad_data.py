@@ -18,7 +18,8 @@ from dskd.models import create_model
 from tests.reliability.conftest import run_main, set_args
 
 SMALL = {"data.input_size": 16, "data.in_chans": 1, "teacher.model": "resnet8", "teacher.epochs": 1,
-         "student.model": "resnet8", "student.epochs": 1, "student.method": "kd"}
+         "student.model": "resnet8", "student.epochs": 1, "student.method": "kd",
+         "student.options": {}}
 
 
 def image_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3) -> Path:
