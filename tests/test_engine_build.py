@@ -294,7 +294,7 @@ def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fak
     recipe = load_recipe("digits-smoke", {
         "data.input_size": 8, "data.in_chans": 1, "data.limit_per_class": 20,
         "teacher.model": "resnet8", "teacher.epochs": 1, "student.model": "resnet8", "student.epochs": 1,
-        "student.method": "kd", "export.calib_size": 32, "target.name": "jetson-orin",
+        "student.method": "kd", "student.options": {}, "export.calib_size": 32, "target.name": "jetson-orin",
         "target.device": sshd.device, "target.python": fakes["python"], "target.batch_sizes": [1],
         "target.min_iters": 10, "target.min_seconds": 0.05, "target.warmup_seconds": 0.02,
         "target.timeout_s": 120.0, "target.allow_unmeasured": True,
