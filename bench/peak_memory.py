@@ -33,17 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TIME = Path("/usr/bin/time")
 
+from deploy_targets.remote.runner import cpu_model  # noqa: E402
 from dskd.atomic import write_json  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _children(pid: int) -> list[int]:
@@ -164,7 +155,7 @@ def main() -> int:
         "settings": {"data": Path(a.data).name, "train_subset": a.train_subset, "batch_size": a.batch_size,
                      "threads": a.threads, "epochs": 1},
         "phases": rows,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }

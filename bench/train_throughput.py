@@ -22,18 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy_targets.remote.runner import cpu_model  # noqa: E402
 from dskd.data import augment  # noqa: E402
 from dskd.models import create_model  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _autocast(precision: str):
@@ -115,7 +106,7 @@ def main() -> None:
     result = {
         "benchmark": "train_throughput",
         "command": "python " + " ".join(sys.argv),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "python": platform.python_version()},
         "settings": {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "input": "3x32x32 synthetic",
                      "statistic": "median of repeats", "seed": 0},
