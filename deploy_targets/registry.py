@@ -122,13 +122,13 @@ def list_targets() -> list[Target]:
     return list(TARGETS.values())
 
 
-def get_target(name: str) -> Target:
-    """The named target; UserError with the closest names otherwise."""
+def get_target(name: str, where: str = "--target") -> Target:
+    """The named target; UserError with the closest names otherwise (`where` names the field)."""
     target = TARGETS.get(str(name).strip().lower())
     if target is None:
         close = difflib.get_close_matches(str(name), list(TARGETS), n=2, cutoff=0.4)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise UserError(f"--target {name!r} is not known: {hint}choose one of {', '.join(TARGETS)}")
+        raise UserError(f"{where} {name!r} is not known: {hint}choose one of {', '.join(TARGETS)}")
     return target
 
 

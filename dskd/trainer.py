@@ -64,6 +64,7 @@ class TrainConfig:
     eval_every: int = 1
     ddp_timeout_s: float = 300.0
     cache_dir: str | None = None
+    skip_bad: bool = False  # drop unreadable images (counted in summary.json) instead of failing
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> UserError:
@@ -87,7 +88,11 @@ class TrainConfig:
             raise bad("teacher", f"method '{self.method}' needs a teacher: pass --teacher DIR_OR_model.pt")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Fields added after a release appear only when set, so older run folders still resume."""
+        d = dataclasses.asdict(self)
+        if not d["skip_bad"]:
+            del d["skip_bad"]
+        return d
 
 
 class NonFiniteLoss(RuntimeError):
@@ -210,7 +215,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
 
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, input_size=cfg.input_size, in_chans=cfg.in_chans, cache_dir=cfg.cache_dir,
-                     limit_per_class=cfg.limit_per_class, progress=dist_info.is_main)
+                     limit_per_class=cfg.limit_per_class, skip_bad=cfg.skip_bad, progress=dist_info.is_main)
     train_x, train_y = data.train_x, data.train_y
     if cfg.train_subset != 1.0:
         idx = class_balanced_subset(train_y, cfg.train_subset, seed=cfg.seed)
@@ -409,6 +414,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
         "data": cfg.data,
         "data_fingerprint": data.fingerprint,
         "train_images": len(train_x),
+        "skipped_images": data.skipped,
         "eval_split": eval_name,
         "class_names": list(data.class_names),
         "teacher": {"path": cfg.teacher, "model": teacher_meta["model"], "top1": teacher_meta.get("top1")} if teacher_meta else None,

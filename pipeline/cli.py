@@ -26,7 +26,9 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
           seed: int = 0, precision: str = "fp32", resume: bool = False, schedule: str = "cosine",
           weight_decay: float = 5e-4, warmup_epochs: float = 0.0, input_size: int = 32,
           in_chans: int = 3, device: str = "auto", train_subset: float = 1.0, holdout: float = 0.0,
-          limit_per_class: int | None = None, eval_every: int = 1, set: list[str] | None = None) -> None:  # noqa: A002
+          limit_per_class: int | None = None, eval_every: int = 1, skip_bad: bool = False,
+          cache_dir: str | None = None, ddp_timeout_s: float = 300.0,
+          set: list[str] | None = None) -> None:  # noqa: A002
     """Train a model (CE) or distill a student from a teacher (--method kd|dkd|fitnet|lshfm|diffkd|dskd).
 
     Writes OUT/model.pt, OUT/last.pt (for --resume), OUT/metrics.jsonl and OUT/summary.json.
@@ -54,6 +56,9 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
         holdout: fraction of the training split held out for choosing settings (never the test split).
         limit_per_class: decode only this many images per class and split (quick smoke runs).
         eval_every: evaluate every N epochs (the last epoch always).
+        skip_bad: drop unreadable images (counted in summary.json) instead of failing on the first.
+        cache_dir: decoded-data cache folder (default ~/.cache/dskd/data or $DSKD_CACHE/data).
+        ddp_timeout_s: under torchrun, how long a rank waits for a silent peer before the job fails.
         set: method options, repeatable: --set dskd.guidance_scale=0.5 --set w_lsh=3.
     """
     from dskd.trainer import TrainConfig
@@ -73,7 +78,8 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
         input_size=int(input_size), in_chans=int(in_chans), device=str(device),
         train_subset=float(train_subset), holdout=float(holdout),
         limit_per_class=int(limit_per_class) if limit_per_class else None, eval_every=int(eval_every),
-        options=options,
+        skip_bad=bool(skip_bad), cache_dir=str(cache_dir) if cache_dir else None,
+        ddp_timeout_s=float(ddp_timeout_s), options=options,
     )
     summary = run_training(cfg, out, resume=bool(resume))
     if summary:
@@ -127,7 +133,8 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
     rec = load_recipe(recipe, overrides)
     from deploy_targets.registry import get_target
 
-    get_target(rec.target.name)  # unknown target: fail before any work
+    # Unknown target: fail before any work, naming where the name came from.
+    get_target(rec.target.name, "--target" if target else f"{rec.source or rec.name}: target.name")
     run_dir = Path(out or f"runs/{rec.name}")
     forced = [f.strip() for f in str(force).split(",") if f.strip()] if force else []
     report = execute(rec, run_dir, forced, baseline)

@@ -30,6 +30,7 @@ class DataConfig:
     train_subset: float = 1.0
     limit_per_class: int = 0
     cache_dir: str = ""
+    skip_bad: bool = False
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"
     nproc: int = 1
+    ddp_timeout_s: float = 300.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,6 +165,8 @@ def _check_values(r: Recipe, source: str) -> None:
             raise bad(f"{section_name}.precision", f"must be fp32, bf16 or fp16, got {s.precision!r}")
         if s.nproc < 1:
             raise bad(f"{section_name}.nproc", f"must be >= 1, got {s.nproc}")
+        if not s.ddp_timeout_s > 0:
+            raise bad(f"{section_name}.ddp_timeout_s", f"must be > 0, got {s.ddp_timeout_s}")
     if r.data.input_size < 8:
         raise bad("data.input_size", f"must be >= 8, got {r.data.input_size}")
     if r.data.in_chans not in (1, 3):

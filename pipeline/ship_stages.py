@@ -20,7 +20,7 @@ def load_bundle(ctx: RunContext):
     if "bundle" not in ctx.options:
         ctx.options["bundle"] = load_data(d.spec, input_size=d.input_size, in_chans=d.in_chans,
                                           cache_dir=d.cache_dir or None, limit_per_class=d.limit_per_class or None,
-                                          progress=False)
+                                          skip_bad=d.skip_bad, progress=False)
     return ctx.options["bundle"]
 
 

@@ -49,7 +49,8 @@ def train_in_folder(ctx: RunContext, section: TrainSection, method: str, teacher
         precision=section.precision, seed=section.seed, method=method, teacher=teacher,
         options=dict(section.options), input_size=d.input_size, in_chans=d.in_chans,
         train_subset=d.train_subset, limit_per_class=d.limit_per_class or None,
-        device=section.device, cache_dir=d.cache_dir or None,
+        device=section.device, cache_dir=d.cache_dir or None, skip_bad=d.skip_bad,
+        ddp_timeout_s=section.ddp_timeout_s,
     )
     resume = (folder / "last.pt").exists()
     if resume:
@@ -70,11 +71,15 @@ def _train_torchrun(cfg: Any, folder: Path, nproc: int, resume: bool) -> None:
             f"--seed={cfg.seed}", f"--precision={cfg.precision}", f"--schedule={cfg.schedule}",
             f"--weight-decay={cfg.weight_decay}", f"--warmup-epochs={cfg.warmup_epochs}",
             f"--input-size={cfg.input_size}", f"--in-chans={cfg.in_chans}", f"--device={cfg.device}",
-            f"--train-subset={cfg.train_subset}"]
+            f"--train-subset={cfg.train_subset}", f"--ddp-timeout-s={cfg.ddp_timeout_s}"]
     if cfg.teacher:
         args.append(f"--teacher={cfg.teacher}")
     if cfg.limit_per_class:
         args.append(f"--limit-per-class={cfg.limit_per_class}")
+    if cfg.cache_dir:
+        args.append(f"--cache-dir={cfg.cache_dir}")
+    if cfg.skip_bad:
+        args.append("--skip-bad")
     if resume:
         args.append("--resume")
     for k, v in cfg.options.items():

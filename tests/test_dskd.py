@@ -148,6 +148,28 @@ def test_lsh_bits_are_balanced_after_bias_initialisation() -> None:
     assert abs(float(after.mean()) - 0.5) < 0.02
 
 
+def test_lsh_bias_momentum_keeps_bits_balanced_when_features_drift() -> None:
+    """A frozen bias goes stale when the hashed features move (DSKD hashes the student's own,
+    still-training features); with `bias_momentum` it follows them and the bits stay balanced."""
+    torch.manual_seed(0)
+    frozen = LSHHash(16, 64, bias_batches=5)
+    tracking = LSHHash(16, 64, bias_batches=5, bias_momentum=0.2)
+    tracking.weight.copy_(frozen.weight)
+    for _ in range(5):
+        batch = torch.randn(256, 16)
+        frozen.observe(batch)
+        tracking.observe(batch)
+    assert torch.equal(frozen.bias, tracking.bias)  # identical until the initial batches are over
+    shifted = lambda n: torch.randn(n, 16) + 2.0  # noqa: E731  (the features drifted)
+    for _ in range(40):
+        batch = shifted(256)
+        frozen.observe(batch)
+        tracking.observe(batch)
+    imbalance = lambda lsh: float((lsh.hash(shifted(4000)).mean(0) - 0.5).abs().max())  # noqa: E731
+    assert imbalance(frozen) > 0.3
+    assert imbalance(tracking) < 0.12
+
+
 def test_lsh_bias_is_per_bit_on_spatial_maps() -> None:
     torch.manual_seed(0)
     lsh = LSHHash(8, 32, bias_batches=3)

@@ -169,7 +169,7 @@ def _bad_image_error(bad: list[tuple[str, str]], total: int) -> UserError:
     more = f" ({total - 1} more unreadable images)" if total > 1 else ""
     return UserError(
         f"{name}: unreadable image ({reason}){more}; replace or delete it, "
-        f"or pass skip_bad=True to skip unreadable images"
+        f"or skip unreadable images (recipe [data] skip_bad = true, --skip_bad, skip_bad=True)"
     )
 
 

@@ -49,6 +49,16 @@ def test_bad_recipe_value_exits_2_naming_the_key(case: str, tmp_path: Path, caps
     assert not (out / "stages").exists()  # refused before any stage ran
 
 
+def test_unknown_target_in_a_recipe_file_names_the_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('name = "mine"\n[target]\nname = "jetsn-orin"\n')
+    code, _, err = run_main(["run", str(recipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and f"error: {recipe}: target.name 'jetsn-orin' is not known: did you mean jetson-orin" in err, err
+    code, _, err = run_main(["run", str(recipe), "--target", "orin", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "error: --target 'orin' is not known" in err, err
+    assert not (tmp_path / "run" / "stages").exists()
+
+
 def test_bad_recipe_file_exits_2_from_a_real_process(tmp_path: Path):
     recipe = tmp_path / "mine.toml"
     recipe.write_text('name = "mine"\n[student]\nepochs = 5\nbatchsize = 32\n')

@@ -2,7 +2,7 @@
 
 torchrun's agent watches its workers and stops the others when one dies; the pipeline then
 reports one line and exits 2, keeping the last epoch's checkpoint for a resume. A rank that
-hangs instead of dying is bounded by the process-group timeout (TrainConfig.ddp_timeout_s).
+hangs instead of dying is ended by the process-group timeout (recipe `ddp_timeout_s`).
 That 1- and 2-process runs reach comparable accuracy is
 tests/test_trainer.py::test_ddp_two_processes_on_cpu.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,17 +52,22 @@ def ranks_under(root: int) -> dict[int, int]:
     return found
 
 
-def test_killing_one_rank_ends_the_job_with_a_clear_error(tmp_path: Path):
+def start_two_rank_teacher(tmp_path: Path, **overrides: object) -> tuple[subprocess.Popen, Path, Path, dict[int, int]]:
+    """`pipeline run` with a 2-process teacher, returned once an epoch is checkpointed and both ranks run."""
     run_dir, log = tmp_path / "run", tmp_path / "ddp.log"
-    proc = start_cli("run", "--out", str(run_dir), *set_args({**TINY, "teacher.nproc": 2, "teacher.epochs": 30}),
-                     log=log)
+    proc = start_cli("run", "--out", str(run_dir),
+                     *set_args({**TINY, "teacher.nproc": 2, "teacher.epochs": 30, **overrides}), log=log)
 
     def training() -> bool:
         d = stage_dir(run_dir, "teacher")
         return d is not None and (d / "last.pt").exists() and 1 in ranks_under(proc.pid)
 
     wait_for(training, proc, "an epoch of 2-process training", log)
-    ranks = ranks_under(proc.pid)
+    return proc, run_dir, log, ranks_under(proc.pid)
+
+
+def test_killing_one_rank_ends_the_job_with_a_clear_error(tmp_path: Path):
+    proc, run_dir, log, ranks = start_two_rank_teacher(tmp_path)
     victim = ranks[1]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -74,5 +80,29 @@ def test_killing_one_rank_ends_the_job_with_a_clear_error(tmp_path: Path):
     assert last.startswith("error: distributed training under torchrun failed (exit 1)"), last
     assert "Re-run to resume from" in last
     assert not [pid for pid in ranks.values() if Path(f"/proc/{pid}").exists()]  # no rank left running
+    teacher = stage_dir(run_dir, "teacher")
+    assert torch_load(teacher / "last.pt")["epoch"] >= 1 and not (teacher / "model.pt").exists()
+
+
+def test_a_hung_rank_ends_the_job_after_the_ddp_timeout(tmp_path: Path):
+    """SIGSTOP (alive, silent) instead of SIGKILL: torchrun sees no death, so only the
+    process-group timeout (`teacher.ddp_timeout_s`) can end the job; it must, with exit 2."""
+    timeout_s = 10.0
+    proc, run_dir, log, ranks = start_two_rank_teacher(tmp_path, **{"teacher.ddp_timeout_s": timeout_s})
+    victim = ranks[1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        code = proc.wait(timeout=180)
+    finally:
+        for pid in ranks.values():  # never leave a stopped process behind, pass or fail
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+    waited = time.monotonic() - stopped_at
+    out = log.read_text()
+    assert code == 2, out[-3000:]
+    assert waited >= timeout_s * 0.5, f"ended after {waited:.0f} s: not the timeout that ended it?\n{out[-2000:]}"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: distributed training under torchrun failed"), last
     teacher = stage_dir(run_dir, "teacher")
     assert torch_load(teacher / "last.pt")["epoch"] >= 1 and not (teacher / "model.pt").exists()
