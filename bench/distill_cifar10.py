@@ -77,6 +77,8 @@ class Budget:
 BUDGETS = {
     "default": Budget(),
     "smoke": Budget(teacher_subset=600, teacher_epochs=1, subset=400, epochs=1, batch=64, seeds=(0,)),
+    # Same teacher and subsets, 3x the student epochs: does the ranking hold with longer training?
+    "long": Budget(epochs=30, seeds=(0, 1)),
 }
 
 

@@ -179,7 +179,7 @@ class _SshSession(_Session):
         if self.free_kib is not None and self.free_kib < need_kib:
             raise DeviceError(self.where, f"disk full: {self.workdir} has {self.free_kib // 1024} MiB "
                               f"free, the engine build needs about {need_kib // 1024} MiB: free space "
-                              "or choose another temp folder")
+                              "or choose another temp folder (recipe target.remote_tmp)")
         self.client.upload(files, self.workdir, timeout_s=60 + need_kib / 1024 * 2)
 
     def fetch(self, name: str, local: Path) -> None:

@@ -242,7 +242,7 @@ def interpret_exit(
     detail = detail.split(": ", 1)[1] if runner_line and ": " in detail else detail
     if "no space left" in stderr.lower():
         return DeviceError(
-            where, "disk full: free space in the temp folder or choose another with remote_tmp"
+            where, "disk full: free space in the temp folder or choose another with remote_tmp (recipe target.remote_tmp)"
         )
     if returncode == runner.EXIT_MISSING_MODULE:
         return DeviceError(where, f"missing runtime: {detail}")
@@ -407,7 +407,7 @@ def _run_remote(
             raise DeviceError(
                 where,
                 f"disk full: {workdir} has {free_kib // 1024} MiB free, needs "
-                f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp",
+                f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp (recipe target.remote_tmp)",
             )
         upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
         client.upload(uploads, workdir, timeout_s=upload_timeout)

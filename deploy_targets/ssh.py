@@ -345,7 +345,8 @@ def parse_workdir_output(
         if "no space left" in low:
             raise DeviceError(
                 where,
-                "disk full: free space in the device's temp folder or choose another with remote_tmp",
+                "disk full: free space in the device's temp folder or choose another with remote_tmp "
+                "(recipe target.remote_tmp)",
             )
         folder = base or "$TMPDIR or /tmp"
         raise DeviceError(

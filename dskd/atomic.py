@@ -63,3 +63,14 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         fh.write(line.rstrip("\n") + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_json(path: str | os.PathLike, label: str = "") -> Any:
+    """The counterpart of write_json for user-supplied files: a bad file is one UserError line
+    (`label` prefixes it, e.g. the flag that named the file)."""
+    from dskd.errors import UserError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{label + ' ' if label else ''}{path}: not valid JSON ({exc})") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tarfile
@@ -131,10 +130,7 @@ def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
     mpath = p / MANIFEST
     if not mpath.exists():
         raise UserError(f"{p}: no {MANIFEST}; pass a bundle folder written by `pipeline run`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{mpath}: not valid JSON ({exc})") from None
+    manifest = atomic.read_json(mpath)
     problems = []
     for rel, info in manifest.get("files", {}).items():
         f = p / rel

@@ -69,6 +69,7 @@ class TargetConfig:
     device: str = ""
     python: str = "python3"
     trtexec: str = ""
+    remote_tmp: str = ""
     threads: int = 0
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     min_iters: int = 200

@@ -136,11 +136,7 @@ def load_baseline(path: str | None) -> tuple[dict[str, Any] | None, Path | None]
         p = p / "report.json"
     if not p.is_file():
         raise UserError(f"--baseline {path}: no report.json there; pass a report.json written by `pipeline run`")
-    try:
-        report = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--baseline {p}: not valid JSON ({exc})") from None
-    return report, p.parent
+    return atomic.read_json(p, "--baseline"), p.parent
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -146,7 +146,7 @@ def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval
     t = ctx.recipe.target
     return measure(path, target_name, eval_set=eval_set, device=device, precision=precision,
                    batch_sizes=batch_sizes, threads=t.threads or None, protocol=_protocol(ctx),
-                   remote_python=t.python, timeout_s=t.timeout_s)
+                   remote_python=t.python, remote_tmp=t.remote_tmp or None, timeout_s=t.timeout_s)
 
 
 def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Pa
     label = f"{row['runtime']}/{row['precision']}"
     try:
         built = build_engines(kit, [row["precision"]], device, out_dir=folder / "engines",
-                              remote_python=t.python, timeout_s=t.timeout_s,
+                              remote_python=t.python, timeout_s=t.timeout_s, remote_tmp=t.remote_tmp or None,
                               trtexec=t.trtexec or None)[row["precision"]]
     except UserError as exc:
         ctx.log(f"  {label}: engine not built: {exc}")

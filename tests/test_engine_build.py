@@ -26,7 +26,7 @@ from deploy_targets.engine_build import TRTEXEC_CANDIDATES, build_engines
 from dskd.errors import UserError
 from export.tensorrt_cmd import build_script
 from tests._sshd import Sshd, sshd_missing_reason, sshd_server
-from tests.test_targets_trtexec import FAKE_PYCUDA_DRIVER, FAKE_TENSORRT
+from tests.test_targets_trtexec import write_fake_tensorrt_lib
 
 needs_sshd = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
 pytestmark = pytest.mark.timeout(180)
@@ -116,12 +116,7 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> dict:
         folder.mkdir()
         bins[mode] = _write_exe(folder / "trtexec", FAKE_TRTEXEC.format(python=sys.executable, mode=mode))
     _write_exe(root / "bin-ok" / "nvidia-smi", FAKE_NVIDIA_SMI)
-    lib = root / "lib"
-    (lib / "tensorrt").mkdir(parents=True)
-    (lib / "pycuda").mkdir()
-    (lib / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
-    (lib / "pycuda" / "__init__.py").write_text('"""FAKE pycuda package for tests."""\n')
-    (lib / "pycuda" / "driver.py").write_text(FAKE_PYCUDA_DRIVER)
+    lib = write_fake_tensorrt_lib(root / "lib")
     return {"kit": sorted(kit.iterdir()), "kit_dir": kit, "trtexec": bins, "lib": lib, "root": root,
             "python": f"env PYTHONPATH={lib} {sys.executable}"}
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dskd.errors import UserError
 from pipeline.recipe import load_recipe
 from pipeline.report import validate_report
 from pipeline.run import execute
@@ -212,3 +214,18 @@ def test_cifar10_recipe_end_to_end_on_a_subset(tmp_path: Path):
     assert manifest["labels"] == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                   "ship", "truck"]
     assert manifest["preprocessing"]["input_size"] == 32 and manifest["preprocessing"]["in_chans"] == 3
+
+
+def test_unreadable_baseline_or_manifest_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from pipeline.bundle import MANIFEST, verify_bundle
+    from pipeline.run import load_baseline
+
+    bad = tmp_path / "report.json"
+    bad.write_text('{"artifacts": [')
+    with pytest.raises(UserError, match=rf"^--baseline {re.escape(str(bad))}: not valid JSON \("):
+        load_baseline(str(tmp_path))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / MANIFEST).write_text("not json")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bundle / MANIFEST))}: not valid JSON \("):
+        verify_bundle(bundle)

@@ -330,15 +330,20 @@ sys.stdout.write({summary!r})
 '''
 
 
-@pytest.fixture(scope="module")
-def fake_gpu(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("fake_gpu")
-    lib = root / "lib"
+def write_fake_tensorrt_lib(lib: Path) -> Path:
+    """A PYTHONPATH folder with the FAKE `tensorrt` and `pycuda` packages above."""
     (lib / "tensorrt").mkdir(parents=True)
     (lib / "pycuda").mkdir()
     (lib / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
     (lib / "pycuda" / "__init__.py").write_text('"""FAKE pycuda package for tests."""\n')
     (lib / "pycuda" / "driver.py").write_text(FAKE_PYCUDA_DRIVER)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def fake_gpu(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("fake_gpu")
+    lib = write_fake_tensorrt_lib(root / "lib")
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 3)).astype(np.float32)
     engine = root / "model.fp16.engine"

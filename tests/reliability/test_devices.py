@@ -6,7 +6,7 @@ The device is a real sshd on 127.0.0.1 (tests/_sshd.py). `run` uses the user's s
 the tests put `ssh`/`scp` wrappers first on PATH that add `-F <test ssh_config>` (OpenSSH reads
 ~/.ssh from the passwd entry, not $HOME): the same real clients, pointed at the test keys.
 measure()-level cases, including a full device disk (tmpfs as remote_tmp), a lost connection
-and cleanup, are in tests/test_targets_ssh.py.
+and cleanup, are in tests/test_targets_ssh.py; the full disk is also run through a recipe here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -171,6 +172,28 @@ def test_remote_command_that_hangs(base_run: Path, tmp_path: Path, good_ssh: Ssh
     assert report["target"]["measured"] is True  # reachable; the measurement itself hung
     assert_not_measured(report, run_dir, base_run, "measurement did not finish within 3 s and was stopped")
     assert _sleepers(f"sleep\0{tag}") == []  # stopped on the device, not left running
+
+
+def test_full_device_disk(base_run: Path, tmp_path: Path, good_ssh: Sshd):
+    """The device's temp folder (recipe `target.remote_tmp`) is a 256 KiB tmpfs: refused before
+    copying, one line naming the key to change, nothing left on the device."""
+    disk = tmp_path / "tiny-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(disk)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        run_dir = tmp_path / "run"
+        report, took = deploy(base_run, run_dir, device=good_ssh.device, python=sys.executable,
+                              remote_tmp=str(disk))
+        assert took < BOUND_S
+        assert_not_measured(report, run_dir, base_run, "MiB free")
+        reason = next(a["not_measured_reason"] for a in report["artifacts"] if a["shipped"])
+        assert "disk full" in reason and "target.remote_tmp" in reason, reason
+        assert list(disk.iterdir()) == []  # no temp folder or partial copy left behind
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
 
 
 def test_control_the_same_device_measures_when_healthy(base_run: Path, tmp_path: Path, good_ssh: Sshd):
