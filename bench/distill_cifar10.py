@@ -47,6 +47,9 @@ from dskd.errors import UserError  # noqa: E402
 SECTION = "## Distillation on CIFAR-10"
 NOTES_START, NOTES_END = "<!-- distill-cifar10 notes:start -->", "<!-- distill-cifar10 notes:end -->"
 DEFAULT_DATA = "../shared/data/cifar10-jpg.tar.gz"
+# Where cells train: "cpu" for every committed table; `--device cuda` (a lent GPU) writes its own
+# results file (`..._cuda.json`) and never the docs, so GPU and CPU numbers are never mixed.
+DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "platform": platform.platform(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "device": DEVICE, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else None,
     }
 
 
@@ -262,7 +266,7 @@ def teacher_config(b: Budget, data: str):  # type: ignore[no-untyped-def]
 
     return TrainConfig(model=b.teacher_model, data=data, epochs=b.teacher_epochs, batch_size=b.batch,
                        lr=b.lr, weight_decay=b.weight_decay, schedule=b.schedule, precision=b.precision,
-                       method="ce", train_subset=b.teacher_subset, seed=0, device="cpu")
+                       method="ce", train_subset=b.teacher_subset, seed=0, device=DEVICE)
 
 
 def student_config(b: Budget, data: str, method: str, options: dict[str, Any], seed: int,
@@ -273,7 +277,7 @@ def student_config(b: Budget, data: str, method: str, options: dict[str, Any], s
                        weight_decay=b.weight_decay, schedule=b.schedule, precision=b.precision,
                        method=method, teacher=teacher if method != "ce" else None,
                        options=dict(options), train_subset=b.subset, holdout=holdout, seed=seed,
-                       device="cpu", eval_every=b.epochs)  # evaluate once, at the end: saves ~15% here
+                       device=DEVICE, eval_every=b.epochs)  # evaluate once, at the end: saves ~15% here
 
 
 def run_teacher(b: Budget, data: str, work: Path, results: Results) -> Path:
@@ -655,6 +659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cost-steps", type=int, default=5)
     p.add_argument("--cost-rounds", type=int, default=6)
     p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: train cells on a GPU, into distill_cifar10_BUDGET_cuda.json (docs untouched)")
     p.add_argument("--work", type=Path, default=None, help="run folders (default runs/distill_cifar10/BUDGET)")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -663,7 +669,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = args.device
     os.chdir(ROOT)
     torch.set_num_threads(args.threads)
     b = BUDGETS[args.budget]
@@ -675,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     b = dataclasses.replace(b, **overrides)
-    name = args.budget + ("" if not overrides else "_custom")
+    name = args.budget + ("" if not overrides else "_custom") + ("" if DEVICE == "cpu" else f"_{DEVICE}")
     default_results = "distill_cifar10.json" if name == "default" else f"distill_cifar10_{name}.json"
     results_path = args.results or ROOT / "bench" / "results" / default_results
     work = args.work or ROOT / "runs" / "distill_cifar10" / name

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dskd.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,6 +40,12 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
+                # NCCL refuses two ranks on one GPU; say so before it fails with "Duplicate GPU".
+                raise UserError(
+                    f"torchrun: LOCAL_RANK {local_rank} has no GPU of its own ({gpus} visible); "
+                    f"use --nproc_per_node {gpus} (one process per GPU), or --device cpu for gloo")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)

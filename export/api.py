@@ -62,6 +62,7 @@ class ExportOptions:
     parity_size: int = 1000
     threads: int = 2
     ov_max_drop: float | None = None  # top-1 points; enables nncf accuracy control
+    ov_int8_keep_head_float: bool = True  # the classifier stays float in openvino-int8
     accuracy_control_size: int = 1000
     trt_batches: tuple[int, int, int] = (1, 16, 64)
     trt_workspace_mib: int = 1024
@@ -322,7 +323,7 @@ def _build_openvino(job: _Job, spec: FormatSpec) -> None:
                                                 job.opts.accuracy_control_size, job.calib)
             validation = (held.normalized(job.meta["mean"], job.meta["std"]), held.y)
         details = quantize_ir_int8(_openvino_fp32_ir(job), xml, job.calib_x, job.props("int8"),
-                                   job.opts.ov_max_drop, validation)
+                                   job.opts.ov_max_drop, validation, job.opts.ov_int8_keep_head_float)
         details["calibration"] = job.calib.describe()
         if held is not None:
             details["validation"] = held.describe()

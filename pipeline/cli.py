@@ -212,7 +212,7 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
 
 
 def export(model_pt: str, out: str = "runs/export", formats: str | None = None, calib_data: str | None = None,
-           calib_size: int = 300, opset: int = 18, simplify: bool = True) -> None:
+           calib_size: int = 300, opset: int = 18, simplify: bool = True, int8_head: str = "float") -> None:
     """Export a model.pt to ONNX / INT8 ONNX / OpenVINO IR / TensorRT engines, verified, with a manifest.
 
     Args:
@@ -224,6 +224,7 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
         calib_size: calibration images (deterministic subset of the training split).
         opset: ONNX opset (18-20; 13-17 use the TorchScript exporter).
         simplify: simplify with onnxslim when installed (verified afterwards).
+        int8_head: float (default) keeps the classifier of openvino-int8 in float; int8 quantizes it too.
     """
     import warnings
 
@@ -231,6 +232,8 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
     from export.api import export_all
     from pipeline.console import print_table
 
+    if str(int8_head) not in ("float", "int8"):
+        raise UserError(f"--int8-head {int8_head!r}: use float or int8")
     _, meta = load_model_file(model_pt)
     calib = None
     if calib_data:
@@ -240,7 +243,8 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         manifest = export_all(model_pt, out, formats=formats, calib=calib, calib_size=int(calib_size),
-                              opset=int(opset), simplify=bool(simplify))
+                              opset=int(opset), simplify=bool(simplify),
+                              ov_int8_keep_head_float=str(int8_head) == "float")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     rows = [[a.format, a.precision, a.runtime, a.path, a.size_bytes,

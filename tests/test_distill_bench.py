@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,3 +86,14 @@ def test_cells_are_saved_as_they_finish_and_skipped_when_rerun(bench, tmp_path: 
     assert bench.main([*args, "--epochs", "2"]) == 2
     assert "made with a different budget; pass --results NEW.json or delete it" in capsys.readouterr().err
     assert json.loads(results.read_text())["cells"] == first["cells"]
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    """bench/gpu_check.py is for a lent GPU; on a CPU machine it says so and exits 2."""
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU visible" in proc.stderr

@@ -278,6 +278,33 @@ def test_openvino_fp32_needs_the_precision_hint(full):
     assert np.abs(f32 - ref).max() < 1e-4
 
 
+def _head_inputs_quantized(xml: Path) -> bool:
+    import openvino as ov
+
+    from export.openvino_ir import classifier_head
+
+    model = ov.Core().read_model(str(xml))
+    name = classifier_head(model)
+    head = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == name)
+    node = head.input(0).get_source_output().get_node()  # the activations, through shape-only ops
+    while node.get_type_name() in ("Reshape", "Squeeze", "Unsqueeze", "Transpose"):
+        node = node.input(0).get_source_output().get_node()
+    return node.get_type_name() == "FakeQuantize"
+
+
+def test_openvino_int8_keeps_the_classifier_float_unless_asked(work, full, tmp_path):
+    """The head's input (pooled features) gets one per-tensor scale in int8; a few large
+    channels then leave the rest with a handful of levels (see quantize_ir_int8)."""
+    _, bundle, ckpt = work
+    out, manifest = full
+    ov8 = manifest.artifact("openvino-int8")
+    assert ov8.details["float_layers"] and not _head_inputs_quantized(out / ov8.path)
+    entry = export_format(ckpt, tmp_path, "openvino-int8", calib=bundle, parity_size=200,
+                          ov_int8_keep_head_float=False)
+    assert entry.details["float_layers"] == []
+    assert _head_inputs_quantized(tmp_path / entry.path)
+
+
 def test_openvino_accuracy_control(work, tmp_path):
     """nncf.quantize_with_accuracy_control, validated on training images outside the
     calibration subset (the test split stays for the parity report)."""

@@ -132,3 +132,17 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path):
     single = train(cfg(epochs=8, batch_size=64), tmp_path / "single")  # same global batch
     assert summary["top1"] > 60.0, summary["top1"]
     assert abs(summary["top1"] - single["top1"]) < 15.0, (summary["top1"], single["top1"])
+
+
+def test_more_cuda_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
+    """NCCL cannot put two ranks on one GPU; the error must say what to pass instead (not 'Duplicate GPU')."""
+    from dskd import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("must refuse before joining the group"))
+    with pytest.raises(UserError, match="--nproc_per_node 1"):
+        distributed.init_distributed("cuda")
