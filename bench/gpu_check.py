@@ -62,17 +62,14 @@ def _cell(summary: dict[str, Any], batch: int) -> dict[str, Any]:
             "world_size": summary["world_size"]}
 
 
-def _cpu_seed0(results_path: Path) -> dict[str, float]:
-    """The CPU table's seed-0 accuracies, to set beside the GPU's (same budget, same subset)."""
+def _cpu_table(results_path: Path) -> tuple[float | None, dict[str, float]]:
+    """The CPU table's teacher and seed-0 accuracies, to set beside the GPU's (same budget, subsets)."""
     if not results_path.exists():
-        return {}
-    cells = json.loads(results_path.read_text()).get("cells", {})
-    return {k.split("/")[0]: round(v["top1"], 2) for k, v in cells.items() if k.endswith("/seed0")}
-
-
-def _cpu_teacher_top1() -> float | None:
-    path = ROOT / "bench" / "results" / "distill_cifar10.json"
-    return round(json.loads(path.read_text())["teacher"]["top1"], 2) if path.exists() else None
+        return None, {}
+    data = json.loads(results_path.read_text())
+    cells = data.get("cells", {})
+    return (round(data["teacher"]["top1"], 2) if data.get("teacher") else None,
+            {k.split("/")[0]: round(v["top1"], 2) for k, v in cells.items() if k.endswith("/seed0")})
 
 
 def _forced_ddp_info():  # type: ignore[no-untyped-def]
@@ -106,6 +103,7 @@ def main() -> int:
     work, results_path = Path(args.work), Path(args.results)
     b = bench.BUDGETS[args.budget]
     data = str(Path(args.data).resolve())
+    cpu_teacher_top1, cpu_seed0 = _cpu_table(ROOT / "bench" / "results" / "distill_cifar10.json")
     report: dict[str, Any] = {
         "benchmark": "gpu_check",
         "command": "python " + " ".join(sys.argv),
@@ -114,7 +112,7 @@ def main() -> int:
                     "cuda": torch.version.cuda, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
                     "cpu_cores": os.cpu_count(), "python": platform.python_version(), "host": socket.gethostname()},
         "budget": b.key(),
-        "cpu_seed0_top1": _cpu_seed0(ROOT / "bench" / "results" / "distill_cifar10.json"),
+        "cpu_seed0_top1": cpu_seed0,
         "checks": {},
         "started": dt.datetime.now().isoformat(timespec="seconds"),
     }
@@ -144,7 +142,7 @@ def main() -> int:
 
     teacher_cfg = dataclasses.replace(bench.teacher_config(b, data), device=args.device)
     check("teacher_bf16", lambda: {"model": b.teacher_model, **_cell(train(teacher_cfg, work / "teacher"), b.batch),
-                                   "cpu_top1": _cpu_teacher_top1()})
+                                   "cpu_top1": cpu_teacher_top1})
     if not (work / "teacher" / "model.pt").exists():
         save()
         return 1

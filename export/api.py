@@ -49,6 +49,14 @@ TRT_QDQ_ONNX = "model.int8.qdq.onnx"
 TRT_SCRIPT = "build_trtexec.sh"
 
 
+INT8_HEADS = ("float", "int8")  # how openvino-int8 treats the classifier (see quantize_ir_int8)
+
+
+def check_int8_head(value: str) -> None:
+    if value not in INT8_HEADS:
+        raise UserError(f"--int8-head {value!r}: use {' or '.join(INT8_HEADS)}")
+
+
 @dataclass
 class ExportOptions:
     """Knobs of an export (defaults are the documented ones)."""
@@ -62,7 +70,7 @@ class ExportOptions:
     parity_size: int = 1000
     threads: int = 2
     ov_max_drop: float | None = None  # top-1 points; enables nncf accuracy control
-    ov_int8_keep_head_float: bool = True  # the classifier stays float in openvino-int8
+    ov_int8_head: str = "float"  # openvino-int8 classifier: "float" (kept float) or "int8"
     accuracy_control_size: int = 1000
     trt_batches: tuple[int, int, int] = (1, 16, 64)
     trt_workspace_mib: int = 1024
@@ -211,6 +219,7 @@ def _options(options: ExportOptions | None, overrides: dict[str, Any]) -> Export
         raise UserError(f"--threads must be at least 1, got {opts.threads}")
     if opts.calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {opts.calib_size}")
+    check_int8_head(opts.ov_int8_head)
     if opts.parity_size < 1:
         raise UserError(f"--parity-size must be at least 1, got {opts.parity_size}")
     return opts
@@ -323,7 +332,7 @@ def _build_openvino(job: _Job, spec: FormatSpec) -> None:
                                                 job.opts.accuracy_control_size, job.calib)
             validation = (held.normalized(job.meta["mean"], job.meta["std"]), held.y)
         details = quantize_ir_int8(_openvino_fp32_ir(job), xml, job.calib_x, job.props("int8"),
-                                   job.opts.ov_max_drop, validation, job.opts.ov_int8_keep_head_float)
+                                   job.opts.ov_max_drop, validation, job.opts.ov_int8_head == "float")
         details["calibration"] = job.calib.describe()
         if held is not None:
             details["validation"] = held.describe()

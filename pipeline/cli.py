@@ -232,8 +232,6 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
     from export.api import export_all
     from pipeline.console import print_table
 
-    if str(int8_head) not in ("float", "int8"):
-        raise UserError(f"--int8-head {int8_head!r}: use float or int8")
     _, meta = load_model_file(model_pt)
     calib = None
     if calib_data:
@@ -244,7 +242,7 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
         warnings.simplefilter("always", UserWarning)
         manifest = export_all(model_pt, out, formats=formats, calib=calib, calib_size=int(calib_size),
                               opset=int(opset), simplify=bool(simplify),
-                              ov_int8_keep_head_float=str(int8_head) == "float")
+                              ov_int8_head=str(int8_head))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     rows = [[a.format, a.precision, a.runtime, a.path, a.size_bytes,

@@ -175,8 +175,6 @@ def _check_values(r: Recipe, source: str) -> None:
         raise bad("data.in_chans", f"must be 1 or 3, got {r.data.in_chans}")
     if r.export.calib_size < 1:
         raise bad("export.calib_size", f"must be >= 1, got {r.export.calib_size}")
-    if r.export.int8_head not in ("float", "int8"):
-        raise bad("export.int8_head", f"must be float or int8, got {r.export.int8_head!r}")
     if not r.target.batch_sizes or any(b < 1 for b in r.target.batch_sizes):
         raise bad("target.batch_sizes", f"must be a list of positive integers, got {r.target.batch_sizes}")
     if r.gates.latency_percentile not in PERCENTILES:

@@ -145,6 +145,7 @@ def check_recipe(recipe: Recipe) -> None:
     from deploy_targets.registry import get_target
     from dskd.methods import resolve_method_options
     from dskd.models import list_models
+    from export.api import check_int8_head
     from export.formats import resolve_formats
 
     src = recipe.source or "recipe"
@@ -158,6 +159,7 @@ def check_recipe(recipe: Recipe) -> None:
     named("target.name", lambda: get_target(recipe.target.name))
     if recipe.export.formats:
         named("export.formats", lambda: resolve_formats(recipe.export.formats))
+    named("export.int8_head", lambda: check_int8_head(recipe.export.int8_head))
     for name in ("teacher", "student"):
         section = getattr(recipe, name)
         if name == "teacher" and section.checkpoint:

@@ -37,7 +37,7 @@ def _target(ctx: RunContext):
 def _export_options(ctx: RunContext) -> dict[str, Any]:
     e = ctx.recipe.export
     return {"opset": e.opset, "calib_size": e.calib_size, "simplify": e.simplify,
-            "ov_int8_keep_head_float": e.int8_head == "float"}
+            "ov_int8_head": e.int8_head}
 
 
 def _artifacts_from_manifest(manifest: Any, folder: Path, stage_dir: Path) -> list[dict[str, Any]]:

@@ -300,9 +300,17 @@ def test_openvino_int8_keeps_the_classifier_float_unless_asked(work, full, tmp_p
     ov8 = manifest.artifact("openvino-int8")
     assert ov8.details["float_layers"] and not _head_inputs_quantized(out / ov8.path)
     entry = export_format(ckpt, tmp_path, "openvino-int8", calib=bundle, parity_size=200,
-                          ov_int8_keep_head_float=False)
+                          ov_int8_head="int8")
     assert entry.details["float_layers"] == []
     assert _head_inputs_quantized(tmp_path / entry.path)
+
+
+def test_unknown_int8_head_is_one_line_before_any_work(work, tmp_path):
+    _, _, ckpt = work
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^--int8-head 'fp16': use float or int8$"):
+        export_all(ckpt, out, formats=["openvino-int8"], ov_int8_head="fp16")
+    assert not out.exists()
 
 
 def test_openvino_accuracy_control(work, tmp_path):
