@@ -115,7 +115,7 @@ def companion_files(path: str | Path, fmt: str) -> list[Path]:
     """Every file the artifact needs on the device (IR = .xml + .bin)."""
     path = Path(path)
     if fmt == "openvino-ir":
-        return [path, path.with_suffix(".bin")]
+        return [path, checked_companion(path, path.with_suffix(".bin").name, "weights file")]
     if fmt in ("onnx", "onnx-qdq"):
         return [path, *_onnx_external_files(path)]
     return [path]
@@ -133,14 +133,37 @@ def _onnx_external_files(path: Path) -> list[Path]:
     for tensor in model.graph.initializer:
         if uses_external_data(tensor):
             location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            extra = path.parent / location if location else None
-            if extra is not None and extra not in files:
-                if Path(location).name != location or not extra.is_file():
-                    raise UserError(
-                        f"artifact {path}: external data {location!r} missing or not beside it"
-                    )
+            if not location:
+                raise UserError(f"artifact {path}: tensor {tensor.name!r} has external data without a location")
+            extra = checked_companion(path, location, "external data")
+            if extra not in files:
                 files.append(extra)
     return files
+
+
+def checked_companion(path: Path, name: str, what: str) -> Path:
+    """A file the artifact needs on the device: a plain file beside it, never a link or a special file.
+
+    Checked locally before any upload, because scp follows links: a weights file that is a
+    symlink to ~/.ssh/id_ed25519 would otherwise be copied to the device.
+    """
+    import stat
+
+    extra = path.parent / name
+    if Path(name).name != name or name in (".", ".."):
+        raise UserError(f"artifact {path}: {what} {name!r} is not a file name beside the model "
+                        "(no folders, no '..'); re-export it with its data beside it")
+    try:
+        st = extra.lstat()
+    except OSError:
+        raise UserError(f"artifact {path}: {what} {name!r} missing beside it; copy it into "
+                        f"{path.parent} or re-export") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"artifact {path}: {what} {name!r} is a symbolic link; copy the real file "
+                        "beside the model (links are never sent to a device)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"artifact {path}: {what} {name!r} is not a regular file; re-export the model")
+    return extra
 
 
 def sha256_of(path: str | Path) -> str:

@@ -62,6 +62,11 @@ class Measurement:
     warnings: list[str] = field(default_factory=list)
     measured_at: str = ""
     format: str = runner.RESULT_FORMAT
+    # threads, threads_policy, streams, hint, binding of the latency numbers, the mode hint
+    # and throughput streams asked for: what a device needs to reproduce them
+    runtime_config: dict[str, Any] = field(default_factory=dict)
+    throughput: dict[str, Any] | None = None  # images/s in throughput mode (hint "throughput")
+    preprocess: dict[str, Any] | None = None  # decode+resize+normalize of one image, timed alone
 
     def latency_at(self, batch_size: int = 1) -> dict[str, Any]:
         for entry in self.latency:
@@ -200,6 +205,9 @@ def runner_args(
     trtexec: str | None = None,
     timeout_s: float = 900.0,
     cpu_affinity: tuple[int, ...] | None = None,
+    hint: str = "latency",
+    streams: int = 0,
+    image_path: str | None = None,
 ) -> list[str]:
     """The runner's command-line arguments (after `python runner.py`)."""
     args = [
@@ -215,6 +223,7 @@ def runner_args(
         "--max-other-cpu", repr(float(protocol.max_other_cpu)),
         "--eval-batch-size", str(int(eval_batch_size)),
         "--timeout", repr(float(timeout_s)),
+        "--hint", hint, "--streams", str(int(streams)),
         "--out", out,
     ]  # fmt: skip
     if eval_path:
@@ -225,6 +234,8 @@ def runner_args(
         args += ["--trtexec", trtexec]
     if cpu_affinity:
         args += ["--cpu-affinity", ",".join(map(str, cpu_affinity))]
+    if image_path:
+        args += ["--image", image_path]
     return args
 
 
@@ -289,6 +300,9 @@ def measure(
     trtexec: str | None = None,
     timeout_s: float = 900.0,
     cpu_affinity: tuple[int, ...] | None = None,
+    hint: str | None = None,
+    streams: int | None = None,
+    image: str | Path | None = None,
 ) -> Measurement:
     """Measure latency (per batch size) and, with an eval set, accuracy of `artifact` on `target`.
 
@@ -296,6 +310,10 @@ def measure(
     device problems raise one-line UserError/DeviceError naming the fix. `threads` and
     `cpu_affinity` default to the target's; `ssh`, `remote_python` (the device's python,
     flags allowed) and `remote_tmp` (base of the private temp folder) apply to devices.
+    `threads` 0 means all physical cores of the machine that measures. `hint` "throughput"
+    adds images/s at the largest batch size with `streams` streams (0: the runtime's
+    choice); both default to the target's. `image` (JPEG/PNG) is the image whose
+    decode+resize+normalize is timed (default: the eval set's first image as a PNG).
     """
     tgt = target if isinstance(target, Target) else get_target(target)
     path = Path(artifact)
@@ -303,9 +321,21 @@ def measure(
     precision = _check_precision(tgt, fmt, path, precision)
     sizes = _batch_sizes(batch_sizes)
     protocol = protocol or Protocol()
-    threads = int(threads or tgt.threads or 1)
-    if threads < 1 or eval_batch_size < 1:
-        raise UserError("--threads and the eval batch size must be >= 1")
+    threads = tgt.threads if threads is None else threads
+    threads = 1 if threads is None else int(threads)  # None: a GPU target, threads unused
+    if threads < 0 or eval_batch_size < 1:
+        raise UserError(
+            f"--threads {threads}: must be >= 1 (or 0 for all physical cores); "
+            "the eval batch size must be >= 1"
+        )
+    hint = (tgt.hint if hint is None else str(hint)).lower()
+    if hint not in runner.HINTS:
+        raise UserError(f"hint {hint!r}: choose {' or '.join(runner.HINTS)}")
+    streams = int(tgt.streams if streams is None else streams)
+    if streams < 0:
+        raise UserError(f"streams {streams}: must be >= 0 (0: the runtime's choice)")
+    if image is not None and not Path(image).is_file():
+        raise UserError(f"image {image} does not exist: pass a JPEG or PNG file")
     eval_chw = check_eval_npz(eval_set)["chw"] if eval_set is not None else None
     _check_input_fits(path, fmt, eval_chw, input_shape)
     if timeout_s <= 0:
@@ -323,14 +353,19 @@ def measure(
         trtexec=trtexec,
         timeout_s=timeout_s,
         cpu_affinity=cpu_affinity if cpu_affinity is not None else tgt.cpu_affinity,
+        hint=hint,
+        streams=streams,
     )
+    from .doctor import attach_board_state, board_state  # Jetson: power mode, clocks, temperature
+
+    board_before = board_state(tgt, spec, ssh=ssh)
     if spec is None:
-        result = _run_local(path, eval_set, common, timeout_s)
+        result = _run_local(path, eval_set, image, common, timeout_s)
         where = "local"
     else:
         files = companion_files(path, fmt)
         result = _run_remote(
-            spec, ssh, files, eval_set, common, remote_python, remote_tmp, timeout_s
+            spec, ssh, files, eval_set, image, common, remote_python, remote_tmp, timeout_s
         )
         where = str(spec)
     if result.get("artifact_sha256") != sha:
@@ -339,12 +374,15 @@ def measure(
         )
     if spec is not None:
         result["environment"]["reached_over"] = "ssh"
+    attach_board_state(result, board_before, board_state(tgt, spec, ssh=ssh))
     return Measurement(
         target=tgt.name, runtime=tgt.runtime, precision=precision, artifact=str(path),
-        artifact_format=fmt, artifact_sha256=sha, where=where, threads=threads, batch_sizes=sizes,
+        artifact_format=fmt, artifact_sha256=sha, where=where, threads=int(result.get("threads") or threads), batch_sizes=sizes,
         protocol=result["protocol"], latency=result["latency"], accuracy=result["accuracy"],
         environment=result["environment"], warnings=list(result.get("warnings", [])),
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        runtime_config=dict(result.get("runtime_config") or {}), throughput=result.get("throughput"),
+        preprocess=result.get("preprocess"),
     )  # fmt: skip
 
 
@@ -364,7 +402,11 @@ def _read_result(path: Path, where: str) -> dict[str, Any]:
 
 
 def _run_local(
-    artifact: Path, eval_set: str | Path | None, common: dict[str, Any], timeout_s: float
+    artifact: Path,
+    eval_set: str | Path | None,
+    image: str | Path | None,
+    common: dict[str, Any],
+    timeout_s: float,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
         out = Path(tmp) / RESULT_NAME
@@ -372,6 +414,7 @@ def _run_local(
             artifact=str(artifact.resolve()),
             out=str(out),
             eval_path=str(Path(eval_set).resolve()) if eval_set else None,
+            image_path=str(Path(image).resolve()) if image else None,
             **common,
         )
         res = run_bounded([sys.executable, str(remote.RUNNER_PATH), *args], timeout_s)
@@ -387,12 +430,14 @@ def _run_remote(
     ssh: SshOptions | None,
     files: list[Path],
     eval_set: str | Path | None,
+    image: str | Path | None,
     common: dict[str, Any],
     remote_python: str,
     remote_tmp: str | None,
     timeout_s: float,
 ) -> dict:
-    uploads = [*files, *([Path(eval_set)] if eval_set else []), *remote.REMOTE_FILES]
+    extras = [Path(p) for p in (eval_set, image) if p]
+    uploads = [*files, *extras, *remote.REMOTE_FILES]
     names = [p.name for p in uploads]
     if len(set(names)) != len(names):
         raise UserError(
@@ -412,9 +457,10 @@ def _run_remote(
         upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
         client.upload(uploads, workdir, timeout_s=upload_timeout)
         args = runner_args(
-            artifact=files[0].name,
+            artifact=f"./{files[0].name}",  # ./: a name starting with '-' stays a file name
             out=RESULT_NAME,
-            eval_path=Path(eval_set).name if eval_set else None,
+            eval_path=f"./{Path(eval_set).name}" if eval_set else None,
+            image_path=f"./{Path(image).name}" if image else None,
             **common,
         )
         run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"

@@ -30,7 +30,14 @@ class Target:
     precisions are ordered by preference (the first is the default); `formats` maps each
     precision to the artifact format it needs, `export_formats` to the `export` package's
     format name that produces it; `accepts` lists every format the runtime can read.
-    `threads` is fixed (not "all cores") so numbers stay comparable between runs.
+    `threads` is the runtime's thread count for the latency numbers: the CPU targets on
+    this machine (`cpu`, `intel-cpu`) use 1, because a development or CI machine is shared
+    and one thread keeps a regression gate stable; `ssh-cpu` uses 0 = all physical cores of
+    the device, what a dedicated deployment runs (docs/benchmarks.md, "Latency fidelity",
+    has the measurements). None: a GPU target (no CPU threads). `hint` "latency" measures
+    latency only (one request, one stream, inputs bound once); "throughput" also reports
+    images/s at the largest batch size with `streams` streams (0: the runtime's choice).
+    Every measurement records the values used (Measurement.runtime_config).
     """
 
     name: str
@@ -44,6 +51,8 @@ class Target:
     description: str
     # None: no pinning, because core numbering (big/little, SMT siblings) is device-specific
     cpu_affinity: tuple[int, ...] | None = None
+    hint: str = "latency"
+    streams: int = 0
 
     def artifact_format(self, precision: str) -> str:
         return dict(self.formats)[precision]
@@ -112,7 +121,7 @@ TARGETS: dict[str, Target] = {
         _t("jetson-orin-nano", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, ("trt-engine",),
            REACH_LOCAL_OR_SSH, None, "TensorRT on a Jetson Orin Nano (engine built on the device)"),
         _t("ssh-cpu", "onnxruntime", ("fp32", "int8"), _ONNX_FORMATS, _ORT_EXPORTS, ("onnx", "onnx-qdq"),
-           REACH_SSH, 1, "ONNX Runtime on a remote Linux machine over SSH"),
+           REACH_SSH, 0, "ONNX Runtime on a remote Linux machine over SSH (all physical cores)"),
     )
 }  # fmt: skip
 

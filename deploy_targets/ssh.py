@@ -5,6 +5,11 @@ agents and jump hosts just work. Every call has a timeout and runs in its own pr
 group, which is killed on timeout, so a dead link never hangs the pipeline. BatchMode
 means no password prompt ever waits on a terminal; StrictHostKeyChecking=yes means an
 unknown or changed host key is an error, never silently accepted.
+
+Arguments are never ambiguous: options come first and `--` ends them (ssh and scp both use
+getopt), local paths are made absolute (so `-oProxyCommand=...onnx` or `host:file` in a file
+name stays a file name: pathlib drops a leading `./`), and remote paths must be absolute and
+of plain characters (we only ever create them: `mktemp` folders and fixed names in them).
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
 _IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 _SAFE_REMOTE_DIR = re.compile(r"/[A-Za-z0-9._/-]*dskd-bench\.[A-Za-z0-9]+")
 REMOTE_DIR_PREFIX = "dskd-bench."
+_PLAIN_REMOTE_PATH = re.compile(r"(/[A-Za-z0-9._][A-Za-z0-9._-]*)+/?")
+
+
+def local_operand(path: str | os.PathLike) -> str:
+    """An absolute local path: never read as an option (`-o...`) or a remote (`host:path`)."""
+    return os.path.abspath(os.fspath(path))
+
+
+def remote_operand(path: str) -> str:
+    """A remote path checked to be absolute and plain (no shell, glob or option characters)."""
+    if not _PLAIN_REMOTE_PATH.fullmatch(path) or "/../" in f"{path}/" or "/./" in f"{path}/":
+        raise UserError(f"remote path {path!r}: must be absolute and use only letters, digits, '.', '_', "
+                        "'-' (not first) and '/'; choose another remote_tmp")
+    return path
 
 
 @dataclass(frozen=True)
@@ -237,7 +256,7 @@ class SshClient:
         args = [self.options.ssh_binary, *self.options.common_args()]
         if self.device.port:
             args += ["-p", str(self.device.port)]
-        return [*args, self.device.ssh_destination, remote_command]
+        return [*args, "--", self.device.ssh_destination, remote_command]
 
     def scp_base(self) -> list[str]:
         args = [
@@ -253,12 +272,14 @@ class SshClient:
     def scp_upload_args(self, local_paths: Sequence[str | Path], remote_dir: str) -> list[str]:
         return [
             *self.scp_base(),
-            *(str(p) for p in local_paths),
-            f"{self.device.destination}:{remote_dir}/",
+            "--",
+            *(local_operand(p) for p in local_paths),
+            f"{self.device.destination}:{remote_operand(remote_dir)}/",
         ]
 
     def scp_download_args(self, remote_path: str, local_path: str | Path) -> list[str]:
-        return [*self.scp_base(), f"{self.device.destination}:{remote_path}", str(local_path)]
+        return [*self.scp_base(), "--", f"{self.device.destination}:{remote_operand(remote_path)}",
+                local_operand(local_path)]
 
     # -- execution ----------------------------------------------------------------------
     def _fail(self, result: CommandResult, what: str, timeout_s: float) -> DeviceError:

@@ -94,7 +94,22 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise UserError(f"{path}: checkpoint metadata lacks {', '.join(missing)}; re-train or re-save it")
-    return obj["state_dict"], meta
+    state_dict = obj.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{path}: bad checkpoint: 'state_dict' is not a mapping of tensors; re-train or re-save it")
+    check_finite(path, state_dict)
+    return state_dict, meta
+
+
+def check_finite(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """A checkpoint with NaN/inf weights is a bad file, said so at load time: loaded as a
+    teacher it would otherwise surface later as a NaN loss with the wrong advice ("lower --lr")."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise UserError(f"{path}: bad checkpoint: '{name}' holds {bad} NaN or infinite value(s); "
+                                "it cannot be used: re-train it or pass another model.pt")
 
 
 def build_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -28,12 +28,16 @@ from dskd import atomic
 from dskd.checkpoint import build_model, file_sha256, save_model, save_torch, torch_load
 from dskd.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed, shutdown
 from dskd.errors import UserError
+from dskd.methods.bookkeeping import LossBook
 
 TRAIN_STATE_FORMAT = "dskd-train-state/1"
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "step")
 # Settings that do not change the result, so a resumed run may differ in them.
-RESUME_MAY_CHANGE = frozenset({"device", "eval_every", "ddp_timeout_s", "cache_dir"})
+# Without a terminal, a progress line at least this often (seconds) during an epoch;
+# $DSKD_PROGRESS_EVERY_S overrides it.
+PROGRESS_EVERY_S = 30.0
+RESUME_MAY_CHANGE = frozenset({"device", "eval_every", "ddp_timeout_s", "cache_dir", "data_limits"})
 
 
 @dataclass
@@ -65,6 +69,7 @@ class TrainConfig:
     ddp_timeout_s: float = 300.0
     cache_dir: str | None = None
     skip_bad: bool = False  # drop unreadable images (counted in summary.json) instead of failing
+    data_limits: dict[str, float] = field(default_factory=dict)  # dskd.data.limits caps; {} = defaults
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> UserError:
@@ -92,6 +97,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         if not d["skip_bad"]:
             del d["skip_bad"]
+        if not d["data_limits"]:
+            del d["data_limits"]
         return d
 
 
@@ -139,6 +146,17 @@ def lr_lambda_for(cfg: TrainConfig, steps_per_epoch: int):
     return fn
 
 
+def _progress_every_s() -> float:
+    """Seconds between progress lines when there is no terminal ($DSKD_PROGRESS_EVERY_S, default 30)."""
+    raw = os.environ.get("DSKD_PROGRESS_EVERY_S", "")
+    if not raw:
+        return PROGRESS_EVERY_S
+    try:
+        return float(raw)
+    except ValueError:
+        raise UserError(f"DSKD_PROGRESS_EVERY_S={raw!r}: not a number of seconds; unset it or give e.g. 30") from None
+
+
 def _show_progress(dist_info: DistInfo) -> bool:
     return dist_info.is_main and sys.stderr.isatty() and not os.environ.get("CI")
 
@@ -179,6 +197,15 @@ def load_teacher(path: str, class_names: list[str], in_chans: int) -> tuple[nn.M
     return teacher.eval(), meta
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA; CPU from torch 2.5), or the CPU allocator's
+    plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which torch 2.13 still raises."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "can't allocate memory" in str(exc)
+
+
 def _train_state(distiller: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
 
@@ -199,9 +226,19 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     dist_info = init_distributed(device_type, cfg.ddp_timeout_s)
     try:
         device = pick_device(cfg.device, dist_info)
-        return _train(cfg, out, resume, stop_after_epoch, dist_info, device,
-                      load_data, augment, class_balanced_subset, holdout_split,
-                      create_distiller, create_model, count_params, count_macs)
+        try:
+            return _train(cfg, out, resume, stop_after_epoch, dist_info, device,
+                          load_data, augment, class_balanced_subset, holdout_split,
+                          create_distiller, create_model, count_params, count_macs)
+        except (MemoryError, RuntimeError) as exc:
+            # Out of memory is a size the user chose, not a bug: one line with what to lower.
+            # Data loading reports its own step; this is the model/optimizer/training step.
+            if not _is_out_of_memory(exc):
+                raise
+            raise UserError(
+                f"{out}: out of memory while training {cfg.model} ({cfg.method}); lower batch_size "
+                f"(now {cfg.batch_size}) or input_size (now {cfg.input_size}), or free memory"
+            ) from exc
     finally:
         shutdown(dist_info)
 
@@ -215,7 +252,8 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
 
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, input_size=cfg.input_size, in_chans=cfg.in_chans, cache_dir=cfg.cache_dir,
-                     limit_per_class=cfg.limit_per_class, skip_bad=cfg.skip_bad, progress=dist_info.is_main)
+                     limit_per_class=cfg.limit_per_class, skip_bad=cfg.skip_bad, progress=dist_info.is_main,
+                     limits=cfg.data_limits or None)
     train_x, train_y = data.train_x, data.train_y
     if cfg.train_subset != 1.0:
         idx = class_balanced_subset(train_y, cfg.train_subset, seed=cfg.seed)
@@ -287,6 +325,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
     train_y_dev = train_y.to(device)
     top1 = float("nan")
     bar = None
+    last_note, note_every = time.perf_counter(), _progress_every_s()
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
@@ -298,7 +337,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
         perm = perm[dist_info.rank:per_rank * dist_info.world_size:dist_info.world_size]
         aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 104_729 + epoch * 13 + dist_info.rank)
         distiller.train()
-        sums: dict[str, float] = {}
+        book = LossBook()  # loss sums stay on the device: the finite check is the one sync per step
         correct, seen = 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not _show_progress(dist_info),
                    leave=False, dynamic_ncols=True)
@@ -311,13 +350,13 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
             progress = (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch)
             with autocast_for(cfg.precision, device):
                 logits, losses = ddp_model(xb, yb, progress)
-            bad_terms = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+            loss = book.add(losses)
+            bad_terms = book.bad_terms()
             if any_rank(bool(bad_terms), dist_info, device):
                 raise NonFiniteLoss(
                     f"loss term {', '.join(bad_terms) or '(on another rank)'} became NaN/inf at epoch {epoch + 1}, "
                     f"step {step + 1}; {last_path} keeps the last good epoch. Lower --lr or use --precision fp32"
                 )
-            loss = sum(v.float() for v in losses.values())
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -327,15 +366,21 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            correct += int((logits.detach().argmax(1) == yb).sum())
+            correct = correct + (logits.detach().argmax(1) == yb).sum()  # a device tensor: no sync
             seen += len(yb)
             if bar is not None and not bar.disable:
                 rate = seen * dist_info.world_size / max(1e-9, time.perf_counter() - epoch_t0)
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{100 * correct / max(1, seen):.1f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{100 * correct / max(1, seen):.1f}",
+                                img_s=f"{rate:.0f}")
                 bar.update(1)
+            elif dist_info.is_main and time.perf_counter() - last_note >= note_every:
+                # No terminal (CI, a log file): a line every note_every seconds inside long epochs.
+                last_note = time.perf_counter()
+                rate = seen * dist_info.world_size / max(1e-9, last_note - epoch_t0)
+                print(f"[train] epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss={float(loss.detach()):.4g} images/s={rate:.0f}", file=sys.stderr, flush=True)
         bar.close()
+        sums, correct = book.totals(), int(correct)
         stats = torch.tensor([correct, seen, *sums.values()], dtype=torch.float64, device=device)
         all_reduce_sum(stats, dist_info)
         epoch_seconds = time.perf_counter() - epoch_t0
@@ -415,6 +460,7 @@ def _train(cfg, out, resume, stop_after_epoch, dist_info, device, load_data, aug
         "data_fingerprint": data.fingerprint,
         "train_images": len(train_x),
         "skipped_images": data.skipped,
+        "ignored_files": data.ignored,  # files in the splits that are not images (no/unknown extension)
         "eval_split": eval_name,
         "class_names": list(data.class_names),
         "teacher": {"path": cfg.teacher, "model": teacher_meta["model"], "top1": teacher_meta.get("top1")} if teacher_meta else None,

@@ -4,6 +4,12 @@ Everything is built in a staging folder inside `out_dir`, verified there (onnx.c
 parity against PyTorch on real images, INT8 accuracy), and only then moved into place;
 `manifest.json` is written last. A failure removes the staging folder and leaves
 `out_dir` as it was.
+
+A failed parity check is an error by default (`pipeline export`: the user asked for that
+artifact). With `on_parity_failure="reject"` (what `pipeline run` uses) it is a finding
+about the model instead: the artifact is left out, listed under `skipped` with
+`details.rejected = true`, the reason and its measured parity numbers, and the other
+formats are still built and checked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from dskd.checkpoint import build_model, file_sha256
 from dskd.errors import UserError
 from export import imagesets
+from export.errors import ExportError
 from export.formats import FORMATS, FormatSpec, resolve_formats
 from export.manifest import (
     MANIFEST_NAME,
@@ -50,6 +57,15 @@ TRT_SCRIPT = "build_trtexec.sh"
 
 
 INT8_HEADS = ("float", "int8")  # how openvino-int8 treats the classifier (see quantize_ir_int8)
+PARITY_FAILURE_MODES = ("raise", "reject")
+
+
+class _Rejected(Exception):
+    """An artifact failed its parity check in "reject" mode: carries the numbers to record."""
+
+    def __init__(self, reason: str, parity: dict[str, Any]):
+        super().__init__(reason)
+        self.reason, self.parity = reason, parity
 
 
 def check_int8_head(value: str) -> None:
@@ -78,6 +94,7 @@ class ExportOptions:
     trt_strongly_typed: bool = False
     require_tensorrt: bool = False  # True: no TensorRT here is an error, not a skip
     merge: bool = True  # keep still-valid entries of an earlier manifest for other formats
+    on_parity_failure: str = "raise"  # raise (ExportError) | reject (record it, build the other formats)
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
 
 
@@ -121,10 +138,23 @@ class _Job:
 
     def check(self, spec: FormatSpec, predict: Any, runtime_note: str,
               precision: str | None = None) -> dict[str, Any]:
-        report = measure(predict, self.parity_x, self.reference, self.parity.y)
+        reject = self.opts.on_parity_failure == "reject"
+        try:
+            report = measure(predict, self.parity_x, self.reference, self.parity.y)
+        except ExportError as exc:  # NaN logits or a wrong output shape: nothing to compare
+            if not reject:
+                raise
+            raise _Rejected(str(exc), {"passed": False, "failure": str(exc)}) from None
         report.update(runtime=runtime_note, data=self.parity.source)
         tol = self.opts.tolerances[precision or spec.precision]
-        return enforce(spec.name, report, tol)
+        try:
+            return enforce(spec.name, report, tol)
+        except ExportError as exc:
+            if not reject:
+                raise
+            reason = str(exc).replace(" (nothing was written)", "")
+            report.setdefault("tolerance", dataclasses.asdict(tol))
+            raise _Rejected(reason, {**report, "passed": False, "failure": reason}) from None
 
 
 def list_formats() -> list[str]:
@@ -182,7 +212,10 @@ def export_all(model_pt: str | os.PathLike, out_dir: str | os.PathLike,
                    None if calib_set is None else calib_set.normalized(meta["mean"], meta["std"]),
                    calib, requested=[s.name for s in specs], skipped=skipped)
         for spec in specs:
-            _BUILDERS[spec.runtime](job, spec)
+            try:
+                _BUILDERS[spec.runtime](job, spec)
+            except _Rejected as rej:
+                job.skipped.append(SkippedFormat(spec.name, rej.reason, [], rej.parity, {"rejected": True}))
         manifest = _manifest(job, model_pt, specs, notes)
         if opts.merge:
             _merge_previous(manifest, out_dir)
@@ -220,6 +253,8 @@ def _options(options: ExportOptions | None, overrides: dict[str, Any]) -> Export
     if opts.calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {opts.calib_size}")
     check_int8_head(opts.ov_int8_head)
+    if opts.on_parity_failure not in PARITY_FAILURE_MODES:
+        raise ValueError(f"on_parity_failure must be one of {PARITY_FAILURE_MODES}, got {opts.on_parity_failure!r}")
     if opts.parity_size < 1:
         raise UserError(f"--parity-size must be at least 1, got {opts.parity_size}")
     return opts

@@ -117,14 +117,16 @@ def export_onnx(model: torch.nn.Module, meta: dict[str, Any], out_path: str | os
                 ) -> dict[str, Any]:
     """Export, tag, optionally slim, check; the file appears only once it passed `verify_onnx`.
 
-    simplify: None = use onnxslim when installed, True = require it, False = skip.
+    simplify: None = use onnxslim when installed, True = require it (the recipe default:
+    onnxslim is a core dependency, so `pip install .` has it), False = skip.
     Returns details for the manifest (exporter, opset, simplified).
     """
     import onnx
 
     check_opset(opset)
-    if simplify and not have("onnxslim"):
-        raise UserError("--simplify needs onnxslim: pip install onnxslim (or drop the flag)")
+    if simplify and not have("onnxslim"):  # a core dependency: missing only from a partial install
+        raise UserError("export.simplify (--simplify) needs onnxslim, a core dependency missing here: "
+                        "pip install onnxslim, or set export.simplify = false (--simplify false)")
     size, chans = int(meta["input_size"]), int(meta["in_chans"])
     example = torch.zeros(2, chans, size, size)  # batch 2: 0/1 would be specialised
     out_path = Path(out_path)

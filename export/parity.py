@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,19 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(max_rel_diff=None, min_top1_agreement=0.90, max_top1_drop=2.0,
                       max_batch1_rel_diff=5e-2),
 }
+
+
+def tolerances_for(fp32_max_rel_diff: float | None = None) -> dict[str, Tolerance]:
+    """The per-precision bounds with the FP32 logit bound set (a recipe's
+    `export.parity_tolerance`): FP32 artifacts differ from PyTorch only by summation order,
+    so this one number is what a user tightens or loosens. FP16 and INT8 keep their own
+    bounds (rounding, quantization). None: the defaults."""
+    if fp32_max_rel_diff is None:
+        return dict(DEFAULT_TOLERANCES)
+    if not (isinstance(fp32_max_rel_diff, (int, float)) and fp32_max_rel_diff > 0
+            and np.isfinite(fp32_max_rel_diff)):
+        raise ValueError(f"parity tolerance must be a finite number > 0, got {fp32_max_rel_diff!r}")
+    return {**DEFAULT_TOLERANCES, "fp32": replace(DEFAULT_TOLERANCES["fp32"], max_rel_diff=float(fp32_max_rel_diff))}
 
 
 def top1(logits: np.ndarray) -> np.ndarray:

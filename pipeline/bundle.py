@@ -1,106 +1,192 @@
-"""Deploy bundles: what ships to one target, with a manifest a device (or `pipeline verify`) can check."""
+"""Deploy bundles: what ships to one target, with a manifest a device (or `pipeline verify`) can check.
+
+A bundle is a flat folder `<target>/` (and `<target>.tar.gz` of it) holding every file of every
+shipped artifact under a distinct name (OpenVINO: `model.<precision>.xml` + `.bin`; ONNX:
+`model.onnx`, `model.int8.onnx`; TensorRT: the device build kit and, once built on a device,
+`model.<precision>.engine` + its `.json`), `infer.py` (pipeline/bundle_infer.py, one script
+for every runtime), `README.txt` and `manifest.json` (sha256 and size of every other file,
+labels, preprocessing, the artifacts with their measured accuracy, gates, tool versions).
+Verification lives in pipeline.bundle_verify and is re-exported here.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dskd import atomic
 from dskd.checkpoint import file_sha256
-from dskd.errors import UserError
+from pipeline.bundle_verify import BUNDLE_FORMAT, MANIFEST, verify_bundle
 
-MANIFEST = "manifest.json"
-BUNDLE_FORMAT = "dskd-bundle/1"
+__all__ = ["BUNDLE_FORMAT", "MANIFEST", "README", "INFER", "write_bundle", "verify_bundle"]
 
-_EXAMPLES = {
-    "onnxruntime": '''"""Minimal ONNX Runtime inference for this bundle: python infer.py IMAGE [IMAGE ...]"""
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
-from PIL import Image
-
-here = Path(__file__).parent
-m = json.loads((here / "manifest.json").read_text())
-pre = m["preprocessing"]
-art = next(a for a in m["artifacts"] if a["runtime"] == "onnxruntime")
-sess = ort.InferenceSession(str(here / art["path"]), providers=["CPUExecutionProvider"])
-for path in sys.argv[1:]:
-    img = Image.open(path).convert("L" if pre["in_chans"] == 1 else "RGB").resize((pre["input_size"],) * 2)
-    x = np.asarray(img, dtype=np.float32).reshape(pre["input_size"], pre["input_size"], -1).transpose(2, 0, 1) / 255.0
-    x = (x - np.array(pre["mean"], np.float32)[:, None, None]) / np.array(pre["std"], np.float32)[:, None, None]
-    logits = sess.run(["logits"], {"input": x[None].astype(np.float32)})[0][0]
-    print(path, m["labels"][int(logits.argmax())])
-''',
-    "openvino": '''"""Minimal OpenVINO inference for this bundle: python infer.py IMAGE [IMAGE ...]"""
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-import openvino as ov
-from PIL import Image
-
-here = Path(__file__).parent
-m = json.loads((here / "manifest.json").read_text())
-pre = m["preprocessing"]
-art = next(a for a in m["artifacts"] if a["runtime"] == "openvino")
-core = ov.Core()
-# FP32 artifacts: ask for f32 explicitly, or CPUs with bf16 support run them in bf16.
-cfg = {"INFERENCE_PRECISION_HINT": "f32"} if art["precision"] == "fp32" else {}
-model = core.compile_model(str(here / art["path"]), "CPU", cfg)
-for path in sys.argv[1:]:
-    img = Image.open(path).convert("L" if pre["in_chans"] == 1 else "RGB").resize((pre["input_size"],) * 2)
-    x = np.asarray(img, dtype=np.float32).reshape(pre["input_size"], pre["input_size"], -1).transpose(2, 0, 1) / 255.0
-    x = (x - np.array(pre["mean"], np.float32)[:, None, None]) / np.array(pre["std"], np.float32)[:, None, None]
-    logits = model(x[None].astype(np.float32))[0][0]
-    print(path, m["labels"][int(np.argmax(logits))])
-''',
-    "tensorrt": '''"""TensorRT engines are built on the device: run build_engine.sh there, then e.g.
-    trtexec --loadEngine=student_fp16.engine --shapes=input:1x3x32x32
-The engine file is specific to the GPU and TensorRT version that built it."""
-''',
-}
+README = "README.txt"
+INFER = "infer.py"
+_INFER_SOURCE = Path(__file__).with_name("bundle_infer.py")
 
 
-def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], source_root: Path, meta: dict[str, Any],
-                 extra_files: list[Path] = ()) -> Path:
-    """Copy the target's artifacts into `bundle_dir`, write manifest + example, pack `<bundle_dir>.tar.gz`."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent if bundle_dir.parent.exists() else None))
+@dataclass
+class _Layout:
+    """Bundle file name -> source file, refusing two different files under one name."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def add(self, name: str, src: Path) -> str:
+        have = self.files.get(name)
+        if have is not None and have != src and file_sha256(have) != file_sha256(src):
+            raise RuntimeError(f"bundle: two different files would both be named {name} ({have}, {src})")
+        self.files[name] = src
+        return name
+
+
+def bundle_name(fmt: str, runtime: str, precision: str, main: Path) -> str:
+    """Distinct flat names: every OpenVINO IR is `model.xml` in its own export folder."""
+    if runtime == "openvino":
+        return f"model.{precision}.xml"
+    return main.name
+
+
+def _companions(main: Path) -> list[tuple[str, Path]]:
+    """(suffix to add to the bundle stem, file) of what must travel with a main file."""
+    from export.manifest import artifact_files
+
+    root = main.parent
+    out = []
+    for rec in artifact_files(root, main)[1:]:
+        p = root / rec.path
+        out.append((p.name[len(main.stem):], p))
+    return out
+
+
+def _script_inputs(script: Path) -> list[str]:
+    """File names build_trtexec.sh checks with `sha256sum -c` (its inputs), from its SUMS block."""
+    names, inside = [], False
+    for line in script.read_text(encoding="utf-8").splitlines():
+        if line.startswith("sha256sum -c"):
+            inside = True
+        elif inside and line == "SUMS":
+            break
+        elif inside:
+            names.append(line.split("  ", 1)[1])
+    return names
+
+
+def _script_shapes(script: Path) -> dict[str, str]:
+    """min/opt/max input shapes of the engine profile, as build_trtexec.sh passes them to trtexec."""
+    text = script.read_text(encoding="utf-8")
+    return {k: m.group(1) for k in ("min", "opt", "max")
+            if (m := re.search(rf"--{k}Shapes=\S+?:(\d+x\d+x\d+x\d+)", text))}
+
+
+def _plan(artifacts: list[dict[str, Any]], run_dir: Path) -> tuple[_Layout, list[dict[str, Any]]]:
+    """Which files go into the bundle under which names, and the manifest's artifact entries."""
+    layout, entries = _Layout(), []
+    for a in artifacts:
+        if not a.get("shipped") or a.get("rejected"):  # rejected: failed its parity check
+            continue
+        entry = {k: a.get(k) for k in ("format", "precision", "runtime")}
+        entry.update(measured=bool(a.get("measured")), top1=a.get("top1"), agreement=a.get("agreement"))
+        if a.get("runtime_config"):  # threads/streams/hint the latency was measured with: infer.py uses the threads
+            entry["runtime_config"] = a["runtime_config"]
+        kit = [run_dir / p for p in (a.get("prepared") or [])]
+        script = next((p for p in kit if p.suffix == ".sh"), None)
+        if script is not None:  # TensorRT: the kit builds the engine on the device
+            kit_names = [layout.add(n, script.parent / n) for n in _script_inputs(script)]
+            entry["build"] = {"script": layout.add(script.name, script), "inputs": kit_names,
+                              "profile_shapes": _script_shapes(script)}
+        if a.get("path"):
+            main = run_dir / a["path"]
+            name = bundle_name(a["format"], a["runtime"], a["precision"], main)
+            stem = name[: -len(main.suffix)] if main.suffix else name
+            files = [layout.add(name, main)] + [layout.add(stem + suffix, p) for suffix, p in _companions(main)]
+            info = (a.get("engine_build") or {}).get("info")
+            if info and (run_dir / info).exists():
+                files.append(layout.add(name + ".json", run_dir / info))
+            entry.update(path=name, files=sorted(set(files)), sha256=file_sha256(main))
+        elif script is not None:
+            from deploy_targets.engine_build import engine_file
+
+            entry.update(path=engine_file(a["precision"]), files=[])
+        else:
+            continue  # neither built nor buildable: nothing of it can ship
+        entries.append(entry)
+    return layout, entries
+
+
+def _input_line(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str:
+    pre = meta["preprocessing"]
+    chw = f"{pre['in_chans']} x {pre['input_size']} x {pre['input_size']}"
+    line = f"input '{pre['input']}': float32, N x {chw} (NCHW)"
+    shapes = next((e["build"]["profile_shapes"] for e in entries if e.get("build")), None)
+    if shapes and "min" in shapes and "max" in shapes:
+        lo, hi = shapes["min"].split("x")[0], shapes["max"].split("x")[0]
+        return line + f", N from {lo} to {hi} (the TensorRT engine's build profile)"
+    return line + ", any N (dynamic batch)"
+
+
+def _readme(meta: dict[str, Any], entries: list[dict[str, Any]], names: list[str]) -> str:
+    pre = meta["preprocessing"]
+    lines = [
+        f"Deploy bundle for target '{meta['target']}' (runtime {meta['runtime']}), written by `pipeline run`.",
+        "",
+        _input_line(meta, entries),
+        f"output '{pre['output']}': float32, N x {len(meta['labels'])} logits; labels in manifest.json",
+        f"preprocessing: RGB/L image resized to {pre['input_size']}x{pre['input_size']} (bilinear), "
+        f"{pre['scale']}, mean {pre['mean']}, std {pre['std']}",
+        "",
+        "Run:   python infer.py IMAGE [IMAGE ...]            (first artifact below)",
+        "       python infer.py --artifact FILE IMAGE ...    (any artifact below; --json for JSON)",
+        "Check: python -m pipeline verify THIS_FOLDER        (sha256 of every file; nothing extra)",
+        "",
+        "Artifacts:",
+    ]
+    for e in entries:
+        acc = f"top-1 {e['top1']:.2f} %" if e.get("top1") is not None else "not measured"
+        parts = ", ".join(e.get("files") or [])
+        if e.get("build"):
+            b = e["build"]
+            state = "built on the device, included" if e.get("files") else "not built yet"
+            lines.append(f"  {e['path']}  {e['runtime']} {e['precision']}, {acc}; {state}")
+            lines.append(f"      infer.py builds it on first use with: bash {b['script']} {e['precision']}"
+                         f"  (from {', '.join(b['inputs'])}; needs trtexec, TensorRT and pycuda)")
+        else:
+            lines.append(f"  {e['path']}  {e['runtime']} {e['precision']}, {acc}; files: {parts}")
+    lines += ["", "Files: " + ", ".join(sorted(names + [MANIFEST])), ""]
+    return "\n".join(lines)
+
+
+def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], run_dir: Path,
+                 meta: dict[str, Any]) -> Path:
+    """Write `bundle_dir` (replaced whole, never half-written) and `<bundle_dir>.tar.gz`.
+
+    `artifacts` are the report's rows: those with `shipped` go in, with their companion
+    files and, for TensorRT, the device build kit (`prepared`). Paths are relative to run_dir.
+    """
+    layout, entries = _plan(artifacts, run_dir)
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
     try:
-        entries = []
-        for a in artifacts:
-            src = source_root / a["path"]
-            if not src.exists():
-                continue
-            dst = tmp / Path(a["path"]).name
-            if src.is_dir():
-                shutil.copytree(src, dst)
-            else:
-                shutil.copy2(src, dst)
-            entries.append({**{k: a[k] for k in ("format", "precision", "runtime") if k in a}, "path": dst.name})
-        for f in extra_files:
-            if f.exists():
-                shutil.copy2(f, tmp / f.name)
-        runtimes = {e["runtime"] for e in entries} | {meta.get("runtime")}
-        for rt in runtimes:
-            if rt in _EXAMPLES:
-                (tmp / ("infer.py" if rt != "tensorrt" else "README_tensorrt.txt")).write_text(_EXAMPLES[rt])
-        files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "size_bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"format": BUNDLE_FORMAT, **meta, "artifacts": entries, "files": files}
-        atomic.write_json(tmp / MANIFEST, manifest)
-        bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+        for name, src in layout.files.items():
+            shutil.copyfile(src, tmp / name)
+            # Modes from the staging files vary (atomic writes are 0600); a bundle is read by whoever runs it.
+            (tmp / name).chmod(0o755 if name.endswith(".sh") else 0o644)
+        shutil.copyfile(_INFER_SOURCE, tmp / INFER)
+        names = sorted([*layout.files, INFER, README])
+        (tmp / README).write_text(_readme(meta, entries, names), encoding="utf-8")
+        files = {n: {"sha256": file_sha256(tmp / n), "size_bytes": (tmp / n).stat().st_size} for n in names}
+        atomic.write_json(tmp / MANIFEST, {"format": BUNDLE_FORMAT, **meta, "artifacts": entries, "files": files})
+        (tmp / MANIFEST).chmod(0o644)  # readable like the other files (the atomic write makes it 0600)
+        tmp.chmod(0o755)  # mkdtemp makes the folder 0700: whoever runs infer.py on the device must enter it
         old = None
         if bundle_dir.exists():  # rename, not rmtree, first: a kill never leaves a half-deleted bundle
             old = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.old-", dir=bundle_dir.parent))
-            os.replace(bundle_dir, old)
+            os.replace(bundle_dir, old / bundle_dir.name)
         os.replace(tmp, bundle_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -111,34 +197,3 @@ def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], source_root:
     with atomic.atomic_path(tar_path) as t, tarfile.open(t, "w:gz") as tar:
         tar.add(bundle_dir, arcname=bundle_dir.name)
     return tar_path
-
-
-def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
-    """Check every file's sha256 against the manifest; accepts the folder or its .tar.gz."""
-    from dskd.data.archive import safe_extract
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such bundle; pass RUN/bundle/<target> or its .tar.gz")
-    if p.is_file():
-        with tempfile.TemporaryDirectory() as td:
-            safe_extract(p, Path(td))
-            inner = [d for d in Path(td).iterdir() if (d / MANIFEST).exists()]
-            if not inner:
-                raise UserError(f"{p}: archive holds no {MANIFEST}; is it a bundle written by `pipeline run`?")
-            return verify_bundle(inner[0])
-    mpath = p / MANIFEST
-    if not mpath.exists():
-        raise UserError(f"{p}: no {MANIFEST}; pass a bundle folder written by `pipeline run`")
-    manifest = atomic.read_json(mpath)
-    problems = []
-    for rel, info in manifest.get("files", {}).items():
-        f = p / rel
-        if not f.exists():
-            problems.append(f"{rel}: missing")
-        elif file_sha256(f) != info["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    listed = set(manifest.get("files", {})) | {MANIFEST}
-    extra = [q.relative_to(p).as_posix() for q in p.rglob("*") if q.is_file() and q.relative_to(p).as_posix() not in listed]
-    return {"bundle": str(p), "files": len(manifest.get("files", {})), "problems": problems, "unlisted": extra,
-            "ok": not problems}

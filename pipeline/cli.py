@@ -1,4 +1,8 @@
-"""`python -m pipeline COMMAND --help`: the command-line face of the pipeline (python-fire).
+"""`python -m pipeline COMMAND --help`: the command-line face of the pipeline.
+
+Each command is a plain function: its signature and docstring are its flags and help, read by
+the strict argument layer in pipeline/argv.py (values are typed from the annotations, never
+evaluated). Adding a command is one function plus one COMMANDS entry.
 
 Exit codes: 0 success, 1 a gate failed, 2 bad usage or input.
 """
@@ -10,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from dskd.errors import UserError
-from pipeline.argv import normalize_argv
+from pipeline.argv import command_help, main_help, parse_command
 
 
 class ExitCode(Exception):
@@ -21,6 +25,23 @@ class ExitCode(Exception):
         self.code = code
 
 
+def _data_limits(value: str | dict | None) -> dict[str, float]:
+    """--data-limits as JSON text or the dict fire already parsed; checked by DataLimits."""
+    import json
+
+    from dskd.data.limits import DataLimits
+
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise UserError(f"--data-limits {value!r}: not JSON; e.g. '{{\"max_file_mb\": 128}}'") from None
+    DataLimits.from_any(value)  # one-line error naming the key
+    return dict(value)  # type: ignore[arg-type]
+
+
 def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: str = "runs/train",
           teacher: str | None = None, method: str = "ce", batch_size: int = 64, lr: float = 0.05,
           seed: int = 0, precision: str = "fp32", resume: bool = False, schedule: str = "cosine",
@@ -28,6 +49,7 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
           in_chans: int = 3, device: str = "auto", train_subset: float = 1.0, holdout: float = 0.0,
           limit_per_class: int | None = None, eval_every: int = 1, skip_bad: bool = False,
           cache_dir: str | None = None, ddp_timeout_s: float = 300.0,
+          data_limits: str | dict | None = None,
           set: list[str] | None = None) -> None:  # noqa: A002
     """Train a model (CE) or distill a student from a teacher (--method kd|dkd|fitnet|lshfm|diffkd|dskd).
 
@@ -59,12 +81,27 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
         skip_bad: drop unreadable images (counted in summary.json) instead of failing on the first.
         cache_dir: decoded-data cache folder (default ~/.cache/dskd/data or $DSKD_CACHE/data).
         ddp_timeout_s: under torchrun, how long a rank waits for a silent peer before the job fails.
+        data_limits: caps on reading data as JSON, e.g. '{"max_file_mb": 128, "max_image_mp": 60}'
+            (keys max_file_mb, max_total_mb, max_image_mp; recipe [data] keys of the same names).
         set: method options, repeatable: --set dskd.guidance_scale=0.5 --set w_lsh=3.
     """
     from dskd.trainer import TrainConfig
     from dskd.trainer import train as run_training
     from pipeline.overrides import parse_overrides
+    from pipeline.recipe import DataConfig, TrainSection, check_settings
 
+    check_settings(TrainSection, {"model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                  "seed": seed, "precision": precision, "schedule": schedule,
+                                  "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
+                                  "device": device, "ddp_timeout_s": ddp_timeout_s})
+    check_settings(DataConfig, {"spec": data, "input_size": input_size, "in_chans": in_chans,
+                                "train_subset": train_subset, "limit_per_class": limit_per_class or 0})
+    if not 0 <= holdout < 1:
+        raise UserError(f"--holdout {holdout!r}: must be a fraction in [0, 1)")
+    if eval_every < 1:
+        raise UserError(f"--eval-every {eval_every!r}: must be >= 1")
+    if method != "ce" and not teacher:
+        raise UserError(f"--method {method} distills from a teacher: pass --teacher DIR_OR_model.pt (or --method ce)")
     options = {}
     for key, value in parse_overrides(set).items():
         head, _, tail = key.partition(".")
@@ -79,7 +116,7 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
         train_subset=float(train_subset), holdout=float(holdout),
         limit_per_class=int(limit_per_class) if limit_per_class else None, eval_every=int(eval_every),
         skip_bad=bool(skip_bad), cache_dir=str(cache_dir) if cache_dir else None,
-        ddp_timeout_s=float(ddp_timeout_s), options=options,
+        ddp_timeout_s=float(ddp_timeout_s), options=options, data_limits=_data_limits(data_limits),
     )
     summary = run_training(cfg, out, resume=bool(resume))
     if summary:
@@ -97,7 +134,7 @@ def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: s
 
 def run(recipe: str | None = None, target: str | None = None, data: str | None = None, out: str | None = None,
         device: str | None = None, baseline: str | None = None, force: str | None = None,
-        allow_unmeasured: bool = False, set: list[str] | None = None) -> None:  # noqa: A002
+        allow_unmeasured: bool | None = None, set: list[str] | None = None) -> None:  # noqa: A002
     """Run the whole job: teacher -> distill -> export -> optimize -> deploy -> gate -> report.
 
     Finished stages are cached in OUT/stages/ and skipped on the next run; an interrupted run resumes.
@@ -112,7 +149,8 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
         baseline: a report.json (or its run folder) to gate regressions against; its artifacts are
             re-measured interleaved with the new ones when they still exist.
         force: re-run this stage and everything after it (or `all`), comma-separated.
-        allow_unmeasured: do not fail latency gates on targets that could not be measured here.
+        allow_unmeasured: do not fail latency gates on targets that could not be measured here
+            (overrides the recipe's target.allow_unmeasured either way; default: the recipe's).
         set: recipe overrides, repeatable: --set student.epochs=5 --set gates.min_top1=90.
     """
     from pathlib import Path
@@ -122,15 +160,16 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
     from pipeline.run import execute
 
     overrides = parse_overrides(set)
-    if target:
-        overrides["target.name"] = str(target)
-    if data:
-        overrides["data.spec"] = str(data)
-    if device:
-        overrides["target.device"] = str(device)
-    if allow_unmeasured:
-        overrides["target.allow_unmeasured"] = True
-    rec = load_recipe(recipe, overrides)
+    origins: dict[str, str] = {}
+    for key, flag, value in (("target.name", "--target", target), ("data.spec", "--data", data),
+                             ("target.device", "--device", device)):
+        if value is not None:
+            overrides[key], origins[key] = str(value), flag
+    if allow_unmeasured is not None:
+        overrides["target.allow_unmeasured"], origins["target.allow_unmeasured"] = allow_unmeasured, "--allow-unmeasured"
+    if out is not None and not str(out).strip():
+        raise UserError("--out '': give a folder path (default runs/<recipe name>)")
+    rec = load_recipe(recipe, overrides, origins)
     from deploy_targets.registry import get_target
 
     # Unknown target: fail before any work, naming where the name came from.
@@ -145,17 +184,20 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
 
 def _print_report(report: dict, run_dir) -> None:
     from pipeline.console import print_table
-    from pipeline.report import GATE_COLUMNS, artifact_rows, gate_rows
+    from pipeline.report import ARTIFACT_COLUMNS, artifact_rows
 
     s = report["student"]
     print_table(f"{report['recipe']['name']} -> {report['target']['name']}: student {s['model']} ({s['method']}) "
                 f"top1 {s['top1']:.2f} %, teacher {report['teacher']['model']} top1 {report['teacher']['top1']:.2f} %",
-                ["artifact", "precision", "runtime", "top1 %", "p50 ms", "size MB", "gates"], artifact_rows(report))
-    failed = [r for r in gate_rows(report) if not r[5]]
+                ["artifact", *ARTIFACT_COLUMNS[1:]], artifact_rows(report))
+    from pipeline.gates import TABLE_COLUMNS, table_rows
+
+    failed = table_rows([g for g in report["gates"] if not g["passed"]])
     if failed:
-        print_table("failed gates", GATE_COLUMNS, failed)
-    if not report["target"].get("measured", True):
-        print(f"target not measured: {report['target'].get('reason')}")
+        print_table("failed gates", TABLE_COLUMNS, failed)
+    note = (report.get("not_measured") or {}).get("note")
+    if note:  # said once, not on every gate row
+        print(note)
     print(f"{'PASSED' if report['passed'] else 'FAILED'}: report {run_dir}/report.md, bundle {run_dir}/bundle/")
 
 
@@ -178,16 +220,13 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
 
     from dskd import atomic
     from pipeline import gates as g
+    from pipeline.baseline import load_report
     from pipeline.console import print_table
     from pipeline.overrides import parse_overrides
-    from pipeline.recipe import GateConfig, _build, load_recipe
-    from pipeline.report import GATE_COLUMNS, validate_report
-    from pipeline.run import load_baseline
+    from pipeline.recipe import GateConfig, Origins, _build, load_recipe
 
-    rep, _ = load_baseline(report)
-    problems = validate_report(rep)
-    if problems:
-        raise UserError(f"{report}: not a valid report ({problems[0]}); pass a report.json written by `pipeline run`")
+    rep, _ = load_report(report, "")
+    base, _ = load_report(baseline, "--baseline")
     overrides = parse_overrides(set)
     bad = [k for k in overrides if not k.startswith("gates.")]
     if bad:
@@ -198,11 +237,13 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
         table = dict(rep["recipe"].get("config", {}).get("gates", {}))
         for k, v in overrides.items():
             table[k.split(".", 1)[1]] = v
-        gates_cfg = _build(GateConfig, table, "gates", f"{report} (recorded recipe)")
-    base, _ = load_baseline(baseline)
+        gates_cfg = _build(GateConfig, table, "gates", f"{report} (recorded recipe)",
+                           Origins(f"{report} (recorded recipe)", {k: "--set" for k in overrides}))
     results = g.evaluate_gates(rep, gates_cfg, base, allow_unmeasured)
-    rows = [[r.name, r.artifact, r.metric, r.value, r.threshold, r.passed, r.note] for r in results]
-    print_table("gates", GATE_COLUMNS, rows)
+    print_table("gates", g.TABLE_COLUMNS, g.table_rows([r.to_dict() for r in results]))
+    summary = g.not_measured_summary(rep, allow_unmeasured)
+    if summary:
+        print(summary["note"])
     if junit:
         atomic.write_text(Path(junit), g.junit_xml(results))
     passed = g.all_passed(results)
@@ -223,15 +264,18 @@ def export(model_pt: str, out: str = "runs/export", formats: str | None = None, 
         calib_data: data spec whose training split calibrates INT8 and whose test split checks parity.
         calib_size: calibration images (deterministic subset of the training split).
         opset: ONNX opset (18-20; 13-17 use the TorchScript exporter).
-        simplify: simplify with onnxslim when installed (verified afterwards).
+        simplify: simplify with onnxslim (a core dependency), verified afterwards.
         int8_head: float (default) keeps the classifier of openvino-int8 in float; int8 quantizes it too.
     """
     import warnings
 
     from dskd.checkpoint import load_model_file
-    from export.api import export_all
+    from export.api import check_int8_head, export_all
     from pipeline.console import print_table
+    from pipeline.recipe import ExportConfig, check_settings
 
+    check_settings(ExportConfig, {"opset": opset, "calib_size": calib_size})  # the flags first, then the file
+    check_int8_head(int8_head)
     _, meta = load_model_file(model_pt)
     calib = None
     if calib_data:
@@ -268,7 +312,8 @@ def targets(device: str | None = None, python: str = "python3", probe: bool = Tr
 
 def bench(artifact: str, target: str = "cpu", device: str | None = None, data: str | None = None,
           precision: str | None = None, batch_sizes: str = "1", threads: int | None = None,
-          python: str = "python3", out: str | None = None) -> None:
+          python: str = "python3", out: str | None = None, hint: str | None = None,
+          streams: int | None = None, image: str | None = None) -> None:
     """Measure one artifact's latency (and accuracy with --data) on a target, locally or over SSH.
 
     Args:
@@ -278,26 +323,50 @@ def bench(artifact: str, target: str = "cpu", device: str | None = None, data: s
         data: data spec (or an eval .npz) whose test split gives top-1 and agreement.
         precision: the artifact's precision (detected when omitted).
         batch_sizes: comma-separated batch sizes, e.g. 1,8.
-        threads: runtime threads (default: the target's).
+        threads: runtime threads (default: the target's); 0 = all physical cores.
         python: the device's python.
         out: write the measurement JSON here.
+        hint: latency or throughput (also images/s at the largest batch size); default: the target's.
+        streams: parallel streams in throughput mode (0: the runtime's choice; default: the target's).
+        image: a JPEG/PNG whose decode+resize+normalize is timed (default: the --data set's first image).
     """
     import tempfile
     from pathlib import Path
 
     from deploy_targets.measure import measure
+    from deploy_targets.remote.runner import HINTS
     from pipeline.console import print_table
 
+    # named as the user wrote them, before any runtime starts (measure() names the bare keys)
+    if hint is not None and str(hint).lower() not in HINTS:
+        raise UserError(f"--hint {hint!r}: choose {' or '.join(HINTS)}")
+    if streams is not None and streams < 0:
+        raise UserError(f"--streams {streams}: must be >= 0 (0: the runtime's choice)")
+    if threads is not None and threads < 0:
+        raise UserError(f"--threads {threads}: must be >= 1 (or 0 for all physical cores)")
+    if image is not None and not Path(image).is_file():
+        raise UserError(f"--image {image}: no such file; pass a JPEG or PNG image")
     with tempfile.TemporaryDirectory() as td:
         eval_set = None
         if data:
             eval_set = _eval_set_for(str(data), Path(artifact), Path(td))
         m = measure(artifact, target, eval_set=eval_set, device=device, precision=precision,
-                    batch_sizes=str(batch_sizes), threads=threads, remote_python=python)
+                    batch_sizes=str(batch_sizes), threads=threads, remote_python=python,
+                    hint=hint, streams=streams, image=image)
+    from pipeline.report_view import run_config_text, throughput_numbers
+
+    config = run_config_text(m.runtime_config) or f"{m.threads} threads"
     rows = [[e["batch_size"], e.get("p50_ms"), e.get("p90_ms"), e.get("p99_ms"), e.get("mean_ms"), e.get("cov"),
-             e.get("iterations")] for e in m.latency]
-    print_table(f"{artifact} on {m.target} ({m.runtime}/{m.precision}, {m.where}, {m.threads} threads)",
-                ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CoV", "iters"], rows)
+             e.get("iterations"), config, e.get("end_to_end_per_image_ms")] for e in m.latency]
+    print_table(f"{artifact} on {m.target} ({m.runtime}/{m.precision}, {m.where})",
+                ["batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CoV", "iters", "threads/streams/hint",
+                 "end-to-end ms/image"], rows)
+    if m.preprocess:
+        print(f"pre-processing ({m.preprocess.get('steps')}, {m.preprocess.get('source')}): "
+              f"p50 {m.preprocess['p50_ms']:.3f} ms per image")
+    ips, detail = throughput_numbers(m.throughput)
+    if ips is not None:
+        print(f"throughput: {ips:.1f} images/s ({detail})")
     if m.accuracy:  # the runner reports fractions
         agree = m.accuracy.get("agreement")
         print(f"top-1 {100 * m.accuracy['top1']:.2f} % on {m.accuracy.get('n', '?')} images"
@@ -337,8 +406,6 @@ def verify(bundle: str) -> None:
     res = verify_bundle(bundle)
     for p in res["problems"]:
         print(f"problem: {p}")
-    for u in res["unlisted"]:
-        print(f"note: {u} is not in the manifest")
     print(f"{'OK' if res['ok'] else 'FAILED'}: {res['files']} files checked in {res['bundle']}")
     if not res["ok"]:
         raise ExitCode(1)
@@ -360,7 +427,32 @@ def methods(method: str | None = None) -> None:
                     [[k, repr(o.default), getattr(o, "doc", "")] for k, o in opts.items()])
 
 
+def doctor(target: str = "cpu", device: str | None = None, python: str = "python3", trtexec: str | None = None,
+           remote_tmp: str | None = None, trt_builder: str = "onnx", require_max_clocks: bool = False) -> None:
+    """Check a target (and its device) before any training: one PASS/WARN/FAIL/SKIP line per check.
+
+    Exit code 0 when a run can proceed, 1 when a check FAILs, 2 on bad usage.
+
+    Args:
+        target: target name (see `pipeline targets`).
+        device: user@host[:port] for targets reached over SSH.
+        python: the device's python.
+        trtexec: TensorRT targets: trtexec path on the device (default: PATH, /usr/src/tensorrt/bin).
+        remote_tmp: device folder for the private temp dir (default: its $TMPDIR or /tmp).
+        trt_builder: onnx or torch-tensorrt (the engine builder the run will use).
+        require_max_clocks: a Jetson below maximum power mode / unlocked clocks FAILs instead of WARNs.
+    """
+    from deploy_targets.doctor import run_doctor
+
+    rep = run_doctor(str(target), device, remote_python=str(python), trtexec=trtexec, remote_tmp=remote_tmp,
+                     builder=str(trt_builder), require_max_clocks=bool(require_max_clocks))
+    print("\n".join(rep.lines()))
+    if not rep.ok:
+        raise ExitCode(1)
+
+
 COMMANDS: dict[str, Callable] = {
+    "doctor": doctor,
     "run": run,
     "train": train,
     "export": export,
@@ -373,25 +465,28 @@ COMMANDS: dict[str, Callable] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fire
-
-    from dskd.trainer import NonFiniteLoss
-
-    os.environ.setdefault("PAGER", "cat")
+    """Parse strictly (pipeline/argv.py), run the command, map outcomes to exit codes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = normalize_argv(argv, COMMANDS)
-        fire.Fire(COMMANDS, command=argv, name="pipeline")
+        parsed = parse_command(argv, COMMANDS)
+        if parsed.help:
+            print(command_help(parsed.command, COMMANDS[parsed.command]) if parsed.command else main_help(COMMANDS),
+                  end="")
+            return 0
+        COMMANDS[parsed.command](**parsed.kwargs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ExitCode as exc:
         return exc.code
-    except NonFiniteLoss as exc:
+    except Exception as exc:
+        # Training's NaN/inf stop; the trainer (and torch) is imported only by commands that train,
+        # so `--help` and bad usage answer without loading torch.
+        trainer = sys.modules.get("dskd.trainer")
+        if trainer is None or not isinstance(exc, trainer.NonFiniteLoss):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except fire.core.FireExit as exc:
-        return int(exc.code or 0)
     except KeyboardInterrupt:
         print("interrupted; finished stages and checkpoints are kept, re-run to resume", file=sys.stderr)
         return 130

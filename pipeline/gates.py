@@ -1,11 +1,18 @@
-"""Gates: turn a report (and optionally a baseline report) into pass/fail rows.
+"""Gates: turn a report (and optionally a baseline report) into PASS / FAIL / NOT MEASURED rows.
 
 Absolute gates look at each shipped artifact alone; relative gates compare it with the
 PyTorch student (`max_top1_drop`) or with the same artifact kind in a baseline report
 (`max_top1_regression`, `max_latency_regression`). A latency regression is judged on the
 ratio measured interleaved in one job when the report has one (same machine, same
 minute), and on the two reports' recorded numbers otherwise, which the row says.
-An artifact whose latency was not measured fails latency gates unless the recipe allows it.
+
+An artifact whose numbers were not measured gets NOT MEASURED rows, which fail the run
+unless the recipe allows unmeasured results; why, and the ways out, are said once for the
+whole report (`not_measured_summary`), not on every row. When the target itself was not
+measured, the accuracy gates still apply to the artifacts measured on this machine's CPU
+(e.g. the Q/DQ INT8 ONNX beside a TensorRT target), so `--allow-unmeasured` waives the
+device numbers, never the accuracy check. An artifact that failed its export parity check
+is rejected: it gets one FAIL row of the `parity` gate (a finding about the model, exit 1).
 """
 
 from __future__ import annotations
@@ -15,9 +22,19 @@ from typing import Any
 
 from pipeline.recipe import GateConfig
 
+# Part of the gate stage's cache key: bump when the rows a report gets change meaning.
+GATE_LOGIC_VERSION = 3
+
+PASS, FAIL, NOT_MEASURED, INCONCLUSIVE = "PASS", "FAIL", "NOT MEASURED", "INCONCLUSIVE"
+CPU_REFERENCE_NOTE = "measured on this machine's CPU (the target was not measured)"
+
 
 @dataclass
 class GateResult:
+    """One gate on one artifact. `passed` is the verdict (kept for schema compatibility);
+    `status` is the word people read: PASS, FAIL or NOT MEASURED (which passes only when
+    unmeasured results are allowed)."""
+
     name: str
     artifact: str
     metric: str
@@ -25,6 +42,12 @@ class GateResult:
     threshold: float
     passed: bool
     note: str = ""
+    status: str = ""
+    decision: dict[str, Any] | None = None  # paired rules: estimate, interval, coverage, verdict
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = PASS if self.passed else FAIL
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,32 +62,48 @@ def _key(a: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _unmeasured(name: str, a: dict[str, Any], metric: str, threshold: float, allow: bool) -> GateResult:
-    reason = a.get("not_measured_reason") or "not measured"
-    if allow:
-        return GateResult(name, artifact_label(a), metric, None, threshold, True, f"not measured (allowed): {reason}")
-    return GateResult(name, artifact_label(a), metric, None, threshold, False, f"not measured: {reason}")
+    # The reason is in the report's single not-measured note, not repeated on every row.
+    note = "not measured (allowed)" if allow else "not measured"
+    return GateResult(name, artifact_label(a), metric, None, threshold, allow, note, NOT_MEASURED)
+
+
+def _parity_row(a: dict[str, Any]) -> GateResult | None:
+    """The export-time parity check as a gate row: FAIL for a rejected artifact, PASS for a
+    shipped one whose check passed; None when the report has no parity record."""
+    parity = a.get("parity") or {}
+    agreement = parity.get("top1_agreement")
+    value = round(100.0 * agreement, 4) if agreement is not None else None
+    tol = (parity.get("tolerance") or {}).get("min_top1_agreement")
+    threshold = round(100.0 * tol, 4) if tol is not None else None
+    if a.get("rejected"):
+        why = a.get("rejected_reason") or parity.get("failure") or "parity check failed"
+        return GateResult("parity", artifact_label(a), "parity_agreement", value, threshold, False,
+                          f"rejected: {why}")
+    if parity.get("passed") is True and a.get("shipped", True):
+        return GateResult("parity", artifact_label(a), "parity_agreement", value, threshold, True,
+                          f"export check vs PyTorch on {parity.get('images', '?')} images")
+    return None
 
 
 def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str, Any] | None = None,
                    allow_unmeasured: bool = False) -> list[GateResult]:
     results: list[GateResult] = []
     pct = gates.latency_percentile
-    shipped = [a for a in report.get("artifacts", []) if a.get("shipped", True)]
-    student_top1 = (report.get("student") or {}).get("top1")
+    artifacts = report.get("artifacts", [])
+    shipped = [a for a in artifacts if a.get("shipped", True) and not a.get("rejected")]
     base_by_key = {_key(a): a for a in (baseline or {}).get("artifacts", [])}
 
-    if not shipped:
+    if not shipped and not any(a.get("rejected") for a in artifacts):
         results.append(GateResult("has_artifact", (report.get("target") or {}).get("name", "?"), "artifacts", 0, 1,
                                   False, "no artifact was built for the target"))
+    for a in artifacts:
+        row = _parity_row(a)
+        if row is not None:
+            results.append(row)
     for a in shipped:
         label = artifact_label(a)
-        top1 = a.get("top1")
         lat = (a.get("latency_ms") or {}).get(pct)
-        if gates.min_top1 is not None:
-            if top1 is None:
-                results.append(_unmeasured("min_top1", a, "top1", gates.min_top1, allow_unmeasured))
-            else:
-                results.append(GateResult("min_top1", label, "top1", top1, gates.min_top1, top1 >= gates.min_top1))
+        results += _accuracy_rows(a, report, gates, baseline, base_by_key, allow_unmeasured)
         if gates.max_latency_ms is not None:
             if lat is None:
                 results.append(_unmeasured("max_latency_ms", a, f"latency_{pct}_ms", gates.max_latency_ms, allow_unmeasured))
@@ -74,28 +113,11 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         if gates.max_size_mb is not None and a.get("size_bytes") is not None:
             mb = a["size_bytes"] / 1e6
             results.append(GateResult("max_size_mb", label, "size_mb", round(mb, 4), gates.max_size_mb, mb <= gates.max_size_mb))
-        if gates.max_top1_drop is not None and student_top1 is not None:
-            if top1 is None:
-                results.append(_unmeasured("max_top1_drop", a, "top1_drop", gates.max_top1_drop, allow_unmeasured))
-            else:
-                drop = round(student_top1 - top1, 4)
-                results.append(GateResult("max_top1_drop", label, "top1_drop", drop, gates.max_top1_drop,
-                                          drop <= gates.max_top1_drop, f"vs PyTorch student {student_top1:.2f}"))
-        if baseline is None:
-            continue
-        base = base_by_key.get(_key(a))
-        if gates.max_top1_regression is not None:
-            if base is None or base.get("top1") is None:
-                results.append(GateResult("max_top1_regression", label, "top1_regression", None,
-                                          gates.max_top1_regression, False, "baseline has no such artifact"))
-            elif top1 is None:
-                results.append(_unmeasured("max_top1_regression", a, "top1_regression", gates.max_top1_regression, allow_unmeasured))
-            else:
-                reg = round(base["top1"] - top1, 4)
-                results.append(GateResult("max_top1_regression", label, "top1_regression", reg, gates.max_top1_regression,
-                                          reg <= gates.max_top1_regression, f"baseline {base['top1']:.2f}"))
-        if gates.max_latency_regression is not None:
-            ratio, note = _latency_ratio(a, base, pct)
+        paired = _paired_latency_row(a, gates) if baseline is not None else None
+        if paired is not None:
+            results.append(paired)
+        elif baseline is not None and gates.max_latency_regression is not None:
+            ratio, note = _latency_ratio(a, base_by_key.get(_key(a)), pct)
             if ratio is None:
                 if lat is None:
                     results.append(_unmeasured("max_latency_regression", a, "latency_ratio",
@@ -107,7 +129,110 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
                 limit = 1.0 + gates.max_latency_regression
                 results.append(GateResult("max_latency_regression", label, "latency_ratio", round(ratio, 4),
                                           round(limit, 4), ratio <= limit, note))
+    if any(not a.get("measured", True) for a in shipped):
+        # The target was not (fully) measured: what this machine's CPU measured still has to be accurate.
+        for a in artifacts:
+            if not a.get("shipped", True) and not a.get("rejected") and a.get("top1") is not None:
+                rows = _accuracy_rows(a, report, gates, baseline, base_by_key, allow_unmeasured)
+                for r in rows:
+                    r.note = f"{r.note}; {CPU_REFERENCE_NOTE}" if r.note else CPU_REFERENCE_NOTE
+                results += rows
+    if getattr(gates, "require_max_clocks", False):  # Jetson: latency measured at full clocks only
+        from deploy_targets.doctor import clocks_gate
+
+        ok, note = clocks_gate(report)
+        results.append(GateResult("require_max_clocks", (report.get("target") or {}).get("name", "?"),
+                                  "at_max_clocks", None if ok is None else float(ok), 1.0, ok is not False, note))
     return results
+
+
+def _paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | None:
+    """max_latency_regression judged on the interleaved rounds (median ratio and its interval);
+    None when the report has no per-round record (then the two reports' numbers are used)."""
+    from pipeline import regression_stats as rs
+
+    inter = a.get("baseline_comparison") or {}
+    cand, base = inter.get("candidate_p50_ms"), inter.get("baseline_p50_ms")
+    if gates.max_latency_regression is None or not cand or not base or len(cand) != len(base):
+        return None
+    kept = inter.get("kept")
+    keep = kept if isinstance(kept, list) and len(kept) == len(cand) else None
+    policy = getattr(gates, "regression_inconclusive", "fail")
+    limit = round(1.0 + gates.max_latency_regression, 4)
+    if keep is not None and not any(keep):
+        return GateResult("max_latency_regression", artifact_label(a), "latency_ratio", None, limit, policy == "pass",
+                          f"every one of {len(cand)} interleaved rounds was CPU-contended: no evidence either way; "
+                          f"counted as {policy} (gates.regression_inconclusive)", INCONCLUSIVE)
+    try:
+        d = rs.paired_ratio_decision(cand, base, gates.max_latency_regression, keep=keep)
+    except ValueError:
+        return None
+    status = {rs.PASS: PASS, rs.FAIL: FAIL}.get(d.verdict, INCONCLUSIVE)
+    passed = status == PASS or (status == INCONCLUSIVE and policy == "pass")
+    dropped = len(cand) - d.samples
+    note = (f"median of {d.samples} interleaved rounds {d.estimate:.3f}, {100 * d.coverage:.1f} % interval "
+            f"[{d.low:.3f}, {d.high:.3f}] vs limit {d.limit:.3f}"
+            + (f"; {dropped} contended round(s) not used" if dropped else "")
+            + (f"; inconclusive, counted as {'pass' if passed else 'fail'} (gates.regression_inconclusive)"
+               if status == INCONCLUSIVE else ""))
+    return GateResult("max_latency_regression", artifact_label(a), "latency_ratio", round(d.estimate, 4),
+                      round(d.limit, 4), passed, note, status, d.to_dict())
+
+
+def _accuracy_rows(a: dict[str, Any], report: dict[str, Any], gates: GateConfig, baseline: dict[str, Any] | None,
+                   base_by_key: dict[tuple[str, str, str], dict[str, Any]], allow: bool) -> list[GateResult]:
+    """min_top1, max_top1_drop and (with a baseline) max_top1_regression for one artifact."""
+    out: list[GateResult] = []
+    label = artifact_label(a)
+    top1 = a.get("top1")
+    student_top1 = (report.get("student") or {}).get("top1")
+    if gates.min_top1 is not None:
+        if top1 is None:
+            out.append(_unmeasured("min_top1", a, "top1", gates.min_top1, allow))
+        else:
+            out.append(GateResult("min_top1", label, "top1", top1, gates.min_top1, top1 >= gates.min_top1))
+    if gates.max_top1_drop is not None and student_top1 is not None:
+        if top1 is None:
+            out.append(_unmeasured("max_top1_drop", a, "top1_drop", gates.max_top1_drop, allow))
+        else:
+            drop = round(student_top1 - top1, 4)
+            out.append(GateResult("max_top1_drop", label, "top1_drop", drop, gates.max_top1_drop,
+                                  drop <= gates.max_top1_drop, f"vs PyTorch student {student_top1:.2f}"))
+    if baseline is not None and gates.max_top1_regression is not None:
+        base = base_by_key.get(_key(a))
+        if base is None or base.get("top1") is None:
+            out.append(GateResult("max_top1_regression", label, "top1_regression", None,
+                                  gates.max_top1_regression, False, "baseline has no such artifact"))
+        elif top1 is None:
+            out.append(_unmeasured("max_top1_regression", a, "top1_regression", gates.max_top1_regression, allow))
+        else:
+            reg = round(base["top1"] - top1, 4)
+            out.append(GateResult("max_top1_regression", label, "top1_regression", reg, gates.max_top1_regression,
+                                  reg <= gates.max_top1_regression, f"baseline {base['top1']:.2f}"))
+    return out
+
+
+def not_measured_summary(report: dict[str, Any], allow_unmeasured: bool) -> dict[str, Any] | None:
+    """One note for the whole report: which shipped artifacts were not measured, why, what that
+    did to the verdict, and both ways out. None when everything shipped was measured."""
+    missing = [a for a in report.get("artifacts", [])
+               if a.get("shipped", True) and not a.get("rejected") and not a.get("measured", True)]
+    if not missing:
+        return None
+    target = (report.get("target") or {}).get("name", "the target")
+    by_reason: dict[str, list[str]] = {}
+    for a in missing:
+        reason = a.get("not_measured_reason") or (report.get("target") or {}).get("reason") or "no reason recorded"
+        by_reason.setdefault(reason, []).append(artifact_label(a))
+    why = "; ".join(f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items())
+    effect = ("their gates are NOT MEASURED and allowed (--allow-unmeasured), so they do not fail the run"
+              if allow_unmeasured else "their gates are NOT MEASURED and fail the run")
+    note = (f"NOT MEASURED on {target}: {why}. {effect}. To measure them, run with the device reachable "
+            f"(--device user@host); to accept unmeasured results, pass --allow-unmeasured "
+            f"(recipe: target.allow_unmeasured = true).")
+    return {"artifacts": [artifact_label(a) for a in missing],
+            "reasons": {artifact_label(a): a.get("not_measured_reason") for a in missing},
+            "allowed": bool(allow_unmeasured), "note": note}
 
 
 def _latency_ratio(a: dict[str, Any], base: dict[str, Any] | None, pct: str) -> tuple[float | None, str]:
@@ -123,6 +248,21 @@ def _latency_ratio(a: dict[str, Any], base: dict[str, Any] | None, pct: str) -> 
     return cand / ref, "from the two reports' numbers (not interleaved: different runs may differ by machine noise)"
 
 
+TABLE_COLUMNS = ["gate", "artifact", "metric", "value", "threshold", "status", "note"]
+
+
+def status_word(g: dict[str, Any]) -> str:
+    """PASS / FAIL / NOT MEASURED for a gate row (rows of reports older than `status`: from `passed`)."""
+    status = g.get("status")
+    return status if isinstance(status, str) and status else (PASS if g.get("passed") else FAIL)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Gate rows (report.json dicts) as terminal table rows, with the status word, never True/False."""
+    return [[g.get("name"), g.get("artifact", ""), g.get("metric"), g.get("value"), g.get("threshold"),
+             status_word(g), g.get("note", "")] for g in rows]
+
+
 def all_passed(results: list[GateResult]) -> bool:
     return all(r.passed for r in results)
 
@@ -132,14 +272,17 @@ def junit_xml(results: list[GateResult], suite: str = "pipeline-gates") -> str:
     from xml.sax.saxutils import escape, quoteattr
 
     failures = sum(not r.passed for r in results)
+    skipped = sum(r.passed and r.status in (NOT_MEASURED, INCONCLUSIVE) for r in results)
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
-             f'<testsuite name={quoteattr(suite)} tests="{len(results)}" failures="{failures}">']
+             f'<testsuite name={quoteattr(suite)} tests="{len(results)}" failures="{failures}" skipped="{skipped}">']
     for r in results:
         name = quoteattr(f"{r.name}[{r.artifact}]")
         lines.append(f'  <testcase classname={quoteattr(suite)} name={name}>')
+        msg = f"{r.status}: {r.metric}={r.value} threshold={r.threshold} {r.note}".strip()
         if not r.passed:
-            msg = f"{r.metric}={r.value} threshold={r.threshold} {r.note}".strip()
             lines.append(f'    <failure message={quoteattr(msg)}>{escape(msg)}</failure>')
+        elif r.status in (NOT_MEASURED, INCONCLUSIVE):  # allowed: shown as skipped, not as a pass
+            lines.append(f'    <skipped message={quoteattr(msg)}/>')
         lines.append("  </testcase>")
     lines.append("</testsuite>")
     return "\n".join(lines) + "\n"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,75 +22,144 @@ from dskd.errors import UserError
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "digits-smoke"
 PERCENTILES = ("p50", "p90", "p99")
+PRECISIONS = ("fp32", "bf16", "fp16")  # = dskd.trainer.PRECISIONS (tests/test_recipe_validation.py checks)
+SCHEDULES = ("cosine", "step")  # = dskd.trainer.SCHEDULES
+
+
+def _device_ok(value: str) -> str | None:
+    """target.device / --device: empty (local) or user@host[:port], parsed as the SSH layer will."""
+    if not value:
+        return None
+    from deploy_targets.ssh import parse_device
+
+    try:
+        parse_device(value)
+    except UserError as exc:
+        return "is not a device address: " + str(exc).split(": ", 1)[-1]
+    return None
+
+
+def _train_device_ok(value: str) -> str | None:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return None
+    return f"must be auto, cpu, cuda or cuda:N, got {value!r}"
+
+
+def _opset_ok(value: int) -> str | None:
+    """The opsets the installed exporter path supports (export.onnx_build decides)."""
+    from export.onnx_build import MAX_OPSET, MIN_OPSET
+
+    if MIN_OPSET <= value <= MAX_OPSET:
+        return None
+    return (f"must be {MIN_OPSET}..{MAX_OPSET}, got {value} (18 is the default; 17 for TensorRT 8.6; "
+            "ORT static INT8 and TensorRT 10 parse at most 20)")
+
+
+def _subset_ok(value: float) -> str | None:
+    if 0 < value <= 1 or (value > 1 and float(value).is_integer()):
+        return None
+    return f"must be a fraction in (0, 1] or a whole number of images, got {value!r}"
+
+
+def _batch_sizes_ok(value: list[int]) -> str | None:
+    if value and all(b >= 1 for b in value):
+        return None
+    return f"must be a non-empty list of positive integers, got {value!r}"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if str(value).strip() else "must not be empty"
+
+
+def recipe_key(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, ge: float | None = None,
+        gt: float | None = None, choices: tuple[Any, ...] | None = None,
+        check: Callable[[Any], str | None] | None = None) -> Any:
+    """A recipe key with its rule, so adding a key and its validation is one line.
+
+    ge/gt: numeric bounds; choices: an enum; check: a function returning the problem ("must be ...")
+    or None. Every float (and every float in a list) must also be finite, for every key.
+    """
+    meta = {"ge": ge, "gt": gt, "choices": choices, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    spec: str = "digits"
-    input_size: int = 32
-    in_chans: int = 3
-    train_subset: float = 1.0
-    limit_per_class: int = 0
+    spec: str = recipe_key("digits", check=_nonempty)
+    input_size: int = recipe_key(32, ge=8)
+    in_chans: int = recipe_key(3, choices=(1, 3))
+    train_subset: float = recipe_key(1.0, check=_subset_ok)
+    limit_per_class: int = recipe_key(0, ge=0)
     cache_dir: str = ""
     skip_bad: bool = False
+    max_file_mb: float = recipe_key(64.0, gt=0)  # caps on reading data: dskd.data.limits
+    max_total_mb: float = recipe_key(4096.0, gt=0)
+    max_image_mp: float = recipe_key(40.0, gt=0)
 
 
 @dataclass
 class TrainSection:
     """Shared by [teacher] and [student]."""
 
-    model: str = "resnet8"
+    model: str = recipe_key("resnet8", check=_nonempty)
     checkpoint: str = ""
     method: str = "ce"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    precision: str = "fp32"
-    seed: int = 0
-    device: str = "auto"
-    nproc: int = 1
-    ddp_timeout_s: float = 300.0
+    epochs: int = recipe_key(10, ge=1)
+    batch_size: int = recipe_key(64, ge=1)
+    lr: float = recipe_key(0.05, gt=0)
+    weight_decay: float = recipe_key(5e-4, ge=0)
+    schedule: str = recipe_key("cosine", choices=SCHEDULES)
+    warmup_epochs: float = recipe_key(0.0, ge=0)
+    precision: str = recipe_key("fp32", choices=PRECISIONS)
+    seed: int = recipe_key(0, ge=0)
+    device: str = recipe_key("auto", check=_train_device_ok)
+    nproc: int = recipe_key(1, ge=1)
+    ddp_timeout_s: float = recipe_key(300.0, gt=0)
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ExportConfig:
-    opset: int = 18
-    calib_size: int = 300
+    opset: int = recipe_key(18, check=_opset_ok)
+    calib_size: int = recipe_key(300, ge=1)
     formats: list[str] = field(default_factory=list)
     simplify: bool = True
-    parity_tolerance: float = 1e-3
+    parity_tolerance: float = recipe_key(1e-3, gt=0)  # FP32 parity: max |Δlogit| / max |logit|
     int8_head: str = "float"  # openvino-int8: "float" keeps the classifier float, "int8" quantizes it
+    trt_builder: str = recipe_key("onnx", choices=("onnx", "torch-tensorrt"))  # TensorRT engines: trtexec or torch-tensorrt
 
 
 @dataclass
 class TargetConfig:
     name: str = "cpu"
-    device: str = ""
-    python: str = "python3"
+    device: str = recipe_key("", check=_device_ok)
+    python: str = recipe_key("python3", check=_nonempty)
     trtexec: str = ""
     remote_tmp: str = ""
-    threads: int = 0
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    min_iters: int = 200
-    min_seconds: float = 2.0
-    warmup_seconds: float = 0.5
-    timeout_s: float = 900.0
+    threads: int = recipe_key(0, ge=0)
+    hint: str = recipe_key("", choices=("", "latency", "throughput"))  # "": the target's ("latency")
+    streams: int = recipe_key(0, ge=0)  # throughput mode's parallel streams; 0: the runtime's choice
+    batch_sizes: list[int] = recipe_key(factory=lambda: [1], check=_batch_sizes_ok)
+    min_iters: int = recipe_key(200, ge=1)
+    min_seconds: float = recipe_key(2.0, ge=0)
+    warmup_seconds: float = recipe_key(0.5, ge=0)
+    timeout_s: float = recipe_key(900.0, gt=0)
     allow_unmeasured: bool = False
 
 
 @dataclass
 class GateConfig:
-    min_top1: float | None = None
-    max_latency_ms: float | None = None
-    latency_percentile: str = "p50"
-    max_size_mb: float | None = None
-    max_top1_drop: float | None = None
-    max_top1_regression: float | None = None
-    max_latency_regression: float | None = None
+    min_top1: float | None = recipe_key(None, ge=0)
+    max_latency_ms: float | None = recipe_key(None, ge=0)
+    latency_percentile: str = recipe_key("p50", choices=PERCENTILES)
+    max_size_mb: float | None = recipe_key(None, ge=0)
+    max_top1_drop: float | None = recipe_key(None, ge=0)
+    max_top1_regression: float | None = recipe_key(None, ge=0)
+    max_latency_regression: float | None = recipe_key(None, ge=0)
+    regression_inconclusive: str = recipe_key("fail", choices=("fail", "pass"))  # paired interval straddles the limit
+    require_max_clocks: bool = False  # Jetson: fail when measured below max power mode / unlocked clocks
 
 
 @dataclass
@@ -128,61 +199,119 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _build(cls: type, table: Any, where: str, source: str) -> Any:
+class Origins:
+    """Where each recipe value came from, so an error names it as the user wrote it.
+
+    `source` is the recipe file; `by_key` maps dotted keys set on the command line to how they
+    were given: "--set" for `--set key=value`, or the flag (`--device`, `--target`, ...) that
+    set it. A key inherits its nearest ancestor's origin (`--set student.options={}`).
+    """
+
+    def __init__(self, source: str, by_key: Mapping[str, str] | None = None):
+        self.source = source
+        self.by_key = dict(by_key or {})
+
+    def of(self, dotted: str) -> str:
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            found = self.by_key.get(".".join(parts[:i]))
+            if found:
+                return found
+        return self.source
+
+    def error(self, dotted: str, problem: str, value: Any = None, show_value: bool = False) -> UserError:
+        """`FILE: key 'a.b' must be ...` / `--set: key 'a.b' ...` / `--device 'x': ...`."""
+        origin = self.of(dotted)
+        if origin.startswith("--") and origin != "--set":
+            return UserError(f"{origin} {value!r}: {problem}")
+        got = f", got {value!r}" if show_value else ""
+        return UserError(f"{origin}: key '{dotted}' {problem}{got}")
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def rule_problem(f: dataclasses.Field, value: Any) -> tuple[str, bool] | None:
+    """(problem, show the value) for a key's value against its rule, or None when it is fine."""
+    if not _finite(value):
+        return "must be a finite number", True
+    if value is None:  # an optional key left out (gates)
+        return None
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return f"must be one of {', '.join(map(str, meta['choices']))}", True
+    if meta.get("ge") is not None and value < meta["ge"]:
+        return f"must be >= {meta['ge']}", True
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        return f"must be > {meta['gt']}", True
+    if meta.get("check") is not None:
+        problem = meta["check"](value)
+        if problem:
+            return problem, False
+    return None
+
+
+def _build(cls: type, table: Any, where: str, source: str, origins: Origins | None = None) -> Any:
+    """Typed config from a TOML table: unknown keys, wrong types and values out of range are
+    one-line errors naming the key as the user wrote it (file key, `--set` key or flag)."""
+    origins = origins or Origins(source)
     if not isinstance(table, dict):
-        raise UserError(f"{source}: [{where}] must be a table")
+        raise UserError(f"{origins.of(where)}: [{where}] must be a table")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.name != "source"]
+    by_name = {f.name: f for f in fields(cls) if f.name != "source"}
+    names = list(by_name)
     kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    for name, value in table.items():
+        dotted = f"{where}.{name}" if where else name
+        if name not in by_name:
+            near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
             prefix = f"{where}." if where else ""
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise UserError(f"{source}: unknown key '{dotted}'{hint}")
-        annotation = hints[key]
+            raise UserError(f"{origins.of(dotted)}: unknown key '{dotted}'{hint}")
+        annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value, dotted, source)
+            kwargs[name] = _build(annotation, value, dotted, source, origins)
             continue
         if not _type_ok(value, annotation):
-            raise UserError(f"{source}: key '{dotted}' must be {_type_name(annotation)}, got {value!r}")
-        kwargs[key] = float(value) if annotation is float else value
+            raise origins.error(dotted, f"must be {_type_name(annotation)}", value, show_value=True)
+        value = float(value) if annotation is float else value
+        problem = rule_problem(by_name[name], value)
+        if problem:
+            raise origins.error(dotted, problem[0], value, show_value=problem[1])
+        kwargs[name] = value
     return cls(**kwargs)
 
 
-def _check_values(r: Recipe, source: str) -> None:
-    def bad(key: str, why: str) -> UserError:
-        return UserError(f"{source}: key '{key}' {why}")
+def check_settings(cls: type, values: Mapping[str, Any]) -> None:
+    """Check command-line values of `cls` keys with the recipe's rules (`pipeline train`'s
+    flags use the [student]/[data] rules): `--lr -1.0: must be > 0`."""
+    by_name = {f.name: f for f in fields(cls)}
+    for name, value in values.items():
+        problem = rule_problem(by_name[name], value)
+        if problem:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value!r}: {problem[0]}")
 
-    for section_name in ("teacher", "student"):
-        s: TrainSection = getattr(r, section_name)
-        if s.epochs < 1:
-            raise bad(f"{section_name}.epochs", f"must be >= 1, got {s.epochs}")
-        if s.batch_size < 1:
-            raise bad(f"{section_name}.batch_size", f"must be >= 1, got {s.batch_size}")
-        if s.lr <= 0:
-            raise bad(f"{section_name}.lr", f"must be > 0, got {s.lr}")
-        if s.precision not in ("fp32", "bf16", "fp16"):
-            raise bad(f"{section_name}.precision", f"must be fp32, bf16 or fp16, got {s.precision!r}")
-        if s.nproc < 1:
-            raise bad(f"{section_name}.nproc", f"must be >= 1, got {s.nproc}")
-        if not s.ddp_timeout_s > 0:
-            raise bad(f"{section_name}.ddp_timeout_s", f"must be > 0, got {s.ddp_timeout_s}")
-    if r.data.input_size < 8:
-        raise bad("data.input_size", f"must be >= 8, got {r.data.input_size}")
-    if r.data.in_chans not in (1, 3):
-        raise bad("data.in_chans", f"must be 1 or 3, got {r.data.in_chans}")
-    if r.export.calib_size < 1:
-        raise bad("export.calib_size", f"must be >= 1, got {r.export.calib_size}")
-    if not r.target.batch_sizes or any(b < 1 for b in r.target.batch_sizes):
-        raise bad("target.batch_sizes", f"must be a list of positive integers, got {r.target.batch_sizes}")
-    if r.gates.latency_percentile not in PERCENTILES:
-        raise bad("gates.latency_percentile", f"must be one of {', '.join(PERCENTILES)}, got {r.gates.latency_percentile!r}")
-    for f in fields(GateConfig):
-        v = getattr(r.gates, f.name)
-        if isinstance(v, float) and v < 0:
-            raise bad(f"gates.{f.name}", f"must be >= 0, got {v}")
+
+def recipe_keys(cls: type | None = None, where: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf key of the recipe schema, dotted (`student.lr`), with its field."""
+    cls = cls or Recipe
+    hints = typing.get_type_hints(cls)
+    out: dict[str, dataclasses.Field] = {}
+    for f in fields(cls):
+        if f.name == "source":
+            continue
+        dotted = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(recipe_keys(hints[f.name], dotted))
+        else:
+            out[dotted] = f
+    return out
 
 
 def resolve_recipe_path(name_or_path: str | None) -> Path:
@@ -216,15 +345,63 @@ def set_dotted(table: dict[str, Any], dotted: str, value: Any, source: str) -> N
     node[parts[-1]] = value
 
 
-def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None) -> Recipe:
+    """The recipe file with `overrides` applied, every key type- and range-checked.
+
+    origins: how each override was given (default `--set`; e.g. {"target.device": "--device"}),
+    so an error names what the user typed.
+    """
     path = resolve_recipe_path(name_or_path)
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc})") from None
+    by_key = {k: "--set" for k in (overrides or {})}
+    by_key.update(origins or {})
     for key, value in (overrides or {}).items():
         set_dotted(table, key, value, str(path))
-    recipe = _build(Recipe, table, "", str(path))
+    origin = Origins(str(path), by_key)
+    recipe = _build(Recipe, table, "", str(path), origin)
+    # [teacher] and [student] share one schema; these two keys mean something for one of them only.
+    if recipe.student.checkpoint:
+        raise origin.error("student.checkpoint", "is not read: only the teacher loads a checkpoint "
+                           "(teacher.checkpoint); remove it")
+    if recipe.teacher.method != "ce":
+        raise origin.error("teacher.method", "is not read: the teacher trains with ce; the distillation "
+                           "method is student.method", recipe.teacher.method, show_value=True)
     recipe.source = str(path)
-    _check_values(recipe, str(path))
+    recipe.origins = by_key  # type: ignore[attr-defined]  # read by key_label()
     return recipe
+
+
+def key_label(recipe: Recipe, dotted: str) -> str:
+    """How the user gave a key, for later checks' messages: `FILE: key 'a.b'`, `--set: key 'a.b'`, `--device`."""
+    origin = Origins(recipe.source or "recipe", getattr(recipe, "origins", {})).of(dotted)
+    if origin.startswith("--") and origin != "--set":
+        return origin
+    return f"{origin}: key '{dotted}'"
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """The files a run will read, checked before any stage: data.spec is `digits` or an existing
+    path, and teacher.checkpoint is a readable dskd model.pt with finite weights. (Not part of
+    load_recipe: `gate --recipe` reads only the gates and needs neither file.)"""
+    spec = recipe.data.spec
+    if spec.strip().lower() != "digits" and not Path(spec).expanduser().exists():
+        raise UserError(f"{key_label(recipe, 'data.spec')} {spec!r}: no such file or folder; pass digits, "
+                        "an ImageFolder folder (train/ + test/ or val/), a .tar/.tar.gz/.zip of one or a CIFAR python folder")
+    ckpt = recipe.teacher.checkpoint
+    if ckpt:
+        from dskd.checkpoint import load_model_file
+
+        label = key_label(recipe, "teacher.checkpoint")
+        if not Path(ckpt).is_file():
+            raise UserError(f"{label} {ckpt!r}: no such file; pass the teacher's model.pt "
+                            "(written by `python -m pipeline train`)")
+        try:
+            load_model_file(ckpt)
+        except UserError as exc:
+            raise UserError(f"{label}: {exc}") from None

@@ -3,19 +3,22 @@
 `report.json` schema (schema_version 1) — documented in docs/report-schema.md:
 recipe, target, teacher {model, top1}, student {model, method, top1, params, macs},
 artifacts [{format, precision, runtime, path, sha256, size_bytes, top1, agreement,
-latency_ms {p50, p90, p99, mean, std, cov}, measured, not_measured_reason, shipped}],
-gates [{name, artifact, metric, value, threshold, passed, note}], passed.
+latency_ms {p50, p90, p99, mean, std, cov}, measured, not_measured_reason, shipped; optional
+runtime_config {threads, streams, hint, ...}, throughput {images_per_s, ...}, preprocess {p50_ms, ...}}],
+gates [{name, artifact, metric, value, threshold, passed, note}], passed; optional bundle
+{path, dir, manifest, format, runtime, files, artifacts, recommended, recommended_file,
+tool_versions} and baseline_artifacts [{format, precision, runtime, top1, latency_ms,
+size_bytes, shipped}]. Rendering lives in report_view (what to say), report_html (the page)
+and plots (the PNGs); report.md says the same as the page, in Markdown.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 from pathlib import Path
 from typing import Any
 
 from dskd import atomic
+from pipeline import report_view as rv
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "recipe", "target", "teacher", "student", "artifacts", "gates", "passed")
@@ -50,162 +53,150 @@ def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "—"
     if isinstance(v, bool):
-        return "pass" if v else "FAIL"
+        return rv.PASS if v else rv.FAIL
     if isinstance(v, float):
+        v = v + 0.0  # -0.0 reads as a loss where there is none
         return f"{v:.{nd}f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
     return str(v)
 
 
 def artifact_rows(report: dict[str, Any]) -> list[list[Any]]:
-    gate_status: dict[str, bool] = {}
-    for g in report.get("gates", []):
-        gate_status[g["artifact"]] = gate_status.get(g["artifact"], True) and g["passed"]
+    """Terminal rows: format, precision, runtime, top-1, p50, its threads/streams/hint, size MB, gate word."""
     rows = []
-    for a in report.get("artifacts", []):
-        label = f"{a['runtime']}/{a['precision']}"
-        lat = a.get("latency_ms") or {}
-        status = gate_status.get(label)
-        rows.append([a["format"], a["precision"], a["runtime"], a.get("top1"), lat.get("p50"),
-                     round(a["size_bytes"] / 1e6, 3) if a.get("size_bytes") is not None else None,
-                     "not measured" if not a.get("measured", True) else ("—" if status is None else ("pass" if status else "FAIL"))])
+    for v in rv.artifact_views(report):
+        word = v.status() or ("reference" if not v.shipped else "—")
+        rows.append([v.format, v.precision, v.runtime, v.top1, v.latency.get("p50"), v.config or None,
+                     round(v.size_mb, 3) if v.size_mb is not None else None, word])
     return rows
 
 
-ARTIFACT_COLUMNS = ["format", "precision", "runtime", "top1 %", "p50 ms", "size MB", "gates"]
+ARTIFACT_COLUMNS = ["format", "precision", "runtime", "top1 %", "p50 ms", "threads/streams/hint", "size MB", "gates"]
 GATE_COLUMNS = ["gate", "artifact", "metric", "value", "threshold", "status", "note"]
 
 
 def gate_rows(report: dict[str, Any]) -> list[list[Any]]:
-    return [[g["name"], g.get("artifact", ""), g["metric"], g["value"], g["threshold"], g["passed"], g.get("note", "")]
-            for g in report.get("gates", [])]
+    """Gate rows as table rows, with the status word (PASS / FAIL / NOT MEASURED), never True/False."""
+    return [[g["name"], g.get("artifact", ""), g["metric"], g["value"], g["threshold"], rv.gate_status(g),
+             g.get("note", "")] for g in report.get("gates", [])]
+
+
+def _md_cell(v: Any) -> str:
+    """A Markdown table cell: pipes and newlines would break the row."""
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
+
+
+def _md_marks(gates: list[rv.GateView]) -> str:
+    return "".join(f" **{g.status}** ({g.rule})" for g in gates)
 
 
 def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    """report.md: the same content as report.html, as Markdown (PR comments, CI job summaries)."""
+    from pipeline.report_html import env_heading, env_rows, tool_rows
+
     t, s = report["teacher"], report["student"]
     tgt = report["target"]
-    lines = [f"# {report['recipe'].get('name', 'run')} → `{tgt['name']}`: {'PASSED' if report['passed'] else 'FAILED'}", ""]
-    lines += [f"- Teacher: `{t['model']}` top-1 {_fmt(t.get('top1'))} %",
-              f"- Student: `{s['model']}` ({s['method']}) top-1 {_fmt(s.get('top1'))} %, "
+    v = rv.verdict(report)
+    pct = rv.latency_percentile(report)
+    lines = [f"# {report['recipe'].get('name', 'run')} → `{tgt['name']}`: {'PASSED' if report['passed'] else 'FAILED'}",
+             "", f"**{v.headline}**", ""]
+    lines += [f"- {d}" for d in v.details] + ([""] if v.details else [])
+    lines += [f"- Student: `{s['model']}` ({s['method']}) top-1 {_fmt(s.get('top1'))} %, "
               f"{s.get('params', 0):,} params, {s.get('macs', 0):,} MACs",
+              f"- Teacher: `{t['model']}` top-1 {_fmt(t.get('top1'))} %",
               f"- Target: `{tgt['name']}` ({tgt.get('runtime', '?')})"
-              + ("" if tgt.get("measured", True) else f" — **not measured**: {tgt.get('reason', '')}"), ""]
-    lines += ["## Artifacts", "", "| " + " | ".join(ARTIFACT_COLUMNS) + " |", "|" + "---|" * len(ARTIFACT_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in artifact_rows(report)]
+              + ("" if tgt.get("measured", True) else " — **not measured**"), ""]
+    sh = rv.shipped(report)
+    lines += ["## What shipped", ""]
+    lines.append(f"Recommended for `{tgt['name']}`: **{sh.recommended}** ({sh.why})." if sh.recommended
+                 else f"{sh.why[0].upper()}{sh.why[1:]}.")
+    if sh.bundle:
+        lines += ["", f"Bundle `{sh.bundle.get('path')}` (unpacked: `{sh.bundle.get('dir')}/`), relative to the run "
+                  "folder; check it with `python -m pipeline verify " + str(sh.bundle.get("path")) + "`.", ""]
+        rec_file = sh.bundle.get("recommended_file")
+        lines += _md_table(["file", "bytes", "sha256"],
+                           [[f"`{n}`" + (" (recommended)" if n == rec_file else ""), f"{b:,}" if b is not None else "—",
+                             f"`{h}`"] for n, b, h in sh.files])
+        if sh.commands:
+            lines += ["", "```bash", *sh.commands, "```"]
+    lines += ["", "## Artifacts", "", f"Latency per batch-1 call, inference only (inputs bound once), with the "
+              f"threads/streams/hint it was measured with; pre-processing (decode, resize, normalize of one image) "
+              f"is timed separately. The latency gates judge {pct}.", ""]
+    rows = []
+    views = rv.artifact_views(report)
+    tput = rv.has_throughput(views)
+    for a in views:
+        lat = [_fmt(a.latency[p], 3) + (_md_marks(a.cells.get("latency", [])) if p == pct else "") for p in rv.PERCENTILES]
+        extra = [a.config or "—", _fmt(a.preprocess_ms, 3), _fmt(a.end_to_end_ms, 3)]
+        if tput:
+            extra.append(_fmt(a.images_per_s, 1) + (f" ({a.throughput_detail})" if a.throughput_detail else ""))
+        rows.append([a.label, f"`{a.format}`", _fmt(a.top1) + _md_marks(a.cells.get("top1", [])), *lat, *extra,
+                     (f"{a.size_mb:.3f}" if a.size_mb is not None else "—") + _md_marks(a.cells.get("size", [])),
+                     a.where or "not measured", a.status() or ("reference" if not a.shipped else "—")])
+    lines += _md_table(["artifact", "format", "top-1 %", "p50 ms", "p90 ms", "p99 ms", *rv.CONFIG_COLUMNS,
+                        *(["images/s"] if tput else []), "size MB", "measured on", "gates"], rows)
     lines += ["", "## Gates", ""]
-    if report.get("gates"):
-        lines += ["| " + " | ".join(GATE_COLUMNS) + " |", "|" + "---|" * len(GATE_COLUMNS)]
-        lines += ["| " + " | ".join(_fmt(c, 3) for c in r) + " |" for r in gate_rows(report)]
+    views, notes = rv.gate_views(report)
+    if views:
+        lines += _md_table(["gate", "artifact", "rule", "value", "status", "note"],
+                           [[f"`{g.name}`", g.artifact, g.rule, _fmt(g.value, 3),
+                             f"**{g.status}**" + (" (allowed)" if g.status == rv.NOT_MEASURED and not g.failed else ""),
+                             g.note + (f"see note {g.note_ref}" if g.note_ref else "")] for g in views])
+        lines += [""] + [f"{n.number}. {n.text}" for n in notes] if notes else []
     else:
         lines.append("No gates configured.")
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
-    env = tgt.get("environment")
-    if env:
-        lines += ["", "## Measurement environment", "", "```json", json.dumps(env, indent=2), "```"]
+        lines += ["", "## Plots", "", "PNG files in `plots/` beside this file (report.html embeds them).", ""]
+        lines += [f"![{name}]({path})" for name, path in plots.items()]
+    env, tools = env_rows(report), tool_rows(report)
+    if env or tools:
+        lines += ["", "## Measurement environment", "", env_heading(report), ""]
+        lines += _md_table(["measured on", ""], [[k, val] for k, val in env]) if env else []
+        lines += ["", *_md_table(["exported with", "version"], [[k, val] for k, val in tools])] if tools else []
+    warn = [(rv.label(a), w) for a in report.get("artifacts") or [] for w in (a.get("warnings") or [])]
+    if warn:
+        lines += ["", "Measurement warnings:", ""] + [f"- {n}: {w}" for n, w in warn]
     return "\n".join(lines) + "\n"
 
 
 def to_html(report: dict[str, Any], plot_files: dict[str, Path]) -> str:
-    def table(cols: list[str], rows: list[list[Any]]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(
-            f"<td class='{'fail' if _fmt(c) == 'FAIL' else ''}'>{html.escape(_fmt(c, 3))}</td>" for c in r) + "</tr>"
-            for r in rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
+    """report.html (see pipeline.report_html)."""
+    from pipeline.report_html import to_html as render
 
-    md_head = to_markdown(report, {}).split("## Artifacts")[0]
-    summary = "".join(f"<li>{html.escape(ln[2:])}</li>" for ln in md_head.splitlines() if ln.startswith("- "))
-    imgs = "".join(
-        f"<figure><img alt='{html.escape(n)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-        f"<figcaption>{html.escape(n)}</figcaption></figure>" for n, p in plot_files.items() if p.exists())
-    status = "PASSED" if report["passed"] else "FAILED"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(report['recipe'].get('name', 'run'))} report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.fail{{color:#b00;font-weight:bold}}
-.status{{font-size:1.4em;color:{'#070' if report['passed'] else '#b00'}}}figure{{display:inline-block;margin:8px}}img{{max-width:520px}}</style>
-</head><body><h1>{html.escape(report['recipe'].get('name', 'run'))} → {html.escape(report['target']['name'])}</h1>
-<p class="status">{status}</p><ul>{summary}</ul><h2>Artifacts</h2>{table(ARTIFACT_COLUMNS, artifact_rows(report))}
-<h2>Gates</h2>{table(GATE_COLUMNS, gate_rows(report))}<h2>Plots</h2>{imgs}</body></html>
-"""
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return render(report, plot_files)
 
 
 def make_plots(report: dict[str, Any], out_dir: Path, curves: dict[str, Path]) -> dict[str, Path]:
-    """Accuracy vs latency, latency distribution and training curves, as PNGs in `out_dir`."""
-    import matplotlib
+    """The report's PNG plots (see pipeline.plots)."""
+    from pipeline.plots import make_plots as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    arts = [a for a in report["artifacts"] if a.get("top1") is not None]
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    measured = [a for a in arts if (a.get("latency_ms") or {}).get("p50") is not None]
-    for a in measured:
-        ax.scatter(a["latency_ms"]["p50"], a["top1"], s=40)
-        ax.annotate(f"{a['runtime']}/{a['precision']}", (a["latency_ms"]["p50"], a["top1"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    if not measured:
-        ax.text(0.5, 0.5, "latency not measured on this target", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("latency p50 (ms, batch 1)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"accuracy vs latency on {report['target']['name']}")
-    ax.grid(alpha=0.3)
-    files["accuracy_vs_latency"] = _save(fig, out_dir / "accuracy_vs_latency.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    any_samples = False
-    for a in report["artifacts"]:
-        samples = a.get("latency_samples_ms")
-        if samples:
-            any_samples = True
-            ax.hist(samples, bins=40, alpha=0.5, label=f"{a['runtime']}/{a['precision']}")
-    if any_samples:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no latency samples", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("latency per batch-1 call (ms)")
-    ax.set_ylabel("count")
-    ax.set_title("latency distribution")
-    files["latency_distribution"] = _save(fig, out_dir / "latency_distribution.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, path in curves.items():
-        rows = _read_metrics(path)
-        if not rows:
-            continue
-        ep = [r["epoch"] for r in rows]
-        loss_keys = [k for k in rows[0] if k.startswith("loss_")]
-        total = [sum(r[k] for k in loss_keys) for r in rows]
-        axes[0].plot(ep, total, label=name)
-        acc_key = next((k for k in rows[-1] if k.endswith("_top1")), None)
-        if acc_key:
-            axes[1].plot(ep, [r.get(acc_key) for r in rows], label=f"{name} ({acc_key})")
-        axes[1].plot(ep, [r.get("train_acc") for r in rows], linestyle="--", label=f"{name} (train)")
-    axes[0].set_title("training loss (sum of terms)")
-    axes[1].set_title("accuracy (%)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    files["training_curves"] = _save(fig, out_dir / "training_curves.png")
-    return files
+    return draw(report, out_dir, curves)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def bundle_section(tar_path: Path, run_dir: Path, recommended: str | None) -> dict[str, Any]:
+    """`report['bundle']`, read from the bundle's manifest.json: what a person needs to ship it."""
+    bundle_dir = tar_path.with_name(tar_path.name.removesuffix(".tar.gz"))
+    manifest = atomic.read_json(bundle_dir / "manifest.json")
+    rec_file = next((e["path"] for e in manifest.get("artifacts", []) if recommended and
+                     f"{e.get('runtime')}/{e.get('precision')}" == recommended), None)
+    return {"path": tar_path.relative_to(run_dir).as_posix(), "dir": bundle_dir.relative_to(run_dir).as_posix(),
+            "manifest": (bundle_dir / "manifest.json").relative_to(run_dir).as_posix(),
+            "format": manifest.get("format"), "runtime": manifest.get("runtime"), "files": manifest.get("files", {}),
+            "artifacts": manifest.get("artifacts", []), "recommended": recommended,
+            "recommended_file": rec_file, "tool_versions": manifest.get("tool_versions", {})}
 
-    with atomic.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
+
+def baseline_artifacts(base: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """`report['baseline_artifacts']`: the --baseline report's artifact numbers, so the comparison
+    plot and page need no other file (None without --baseline)."""
+    if not base:
+        return None
+    keep = ("format", "precision", "runtime", "top1", "latency_ms", "size_bytes", "shipped")
+    return [{k: a.get(k) for k in keep} for a in base.get("artifacts") or []]
 
 
 def write_report(report: dict[str, Any], run_dir: Path, curves: dict[str, Path]) -> dict[str, str]:

@@ -12,17 +12,49 @@ from dskd import atomic
 from dskd.errors import UserError
 from pipeline import gates as gates_mod
 from pipeline.lock import run_lock
-from pipeline.recipe import Recipe
-from pipeline.report import SCHEMA_VERSION, write_report
+from pipeline.recipe import Recipe, check_inputs
+from pipeline.report import SCHEMA_VERSION, baseline_artifacts, bundle_section, write_report
+from pipeline.report_view import recommend
 from pipeline.ship_stages import DEPLOY, EXPORT, OPTIMIZE
 from pipeline.stage import RunContext, Stage, run_stage, stable_hash
 from pipeline.train_stages import DISTILL, TEACHER
 
 
 def _gate_config(ctx: RunContext) -> dict[str, Any]:
+    """Everything the gate rows depend on besides the deploy stage's key: thresholds, the
+    unmeasured policy, the baseline's content and the version of the gate logic."""
     base = ctx.options.get("baseline_report")
     return {"gates": ctx.recipe.gates.__dict__, "allow_unmeasured": ctx.recipe.target.allow_unmeasured,
-            "baseline": stable_hash(base) if base else None}
+            "baseline": stable_hash(base) if base else None, "logic": gates_mod.GATE_LOGIC_VERSION}
+
+
+def _baseline_record(ctx: RunContext) -> dict[str, Any] | None:
+    """Which baseline this invocation gated against (None: no --baseline)."""
+    base = ctx.options.get("baseline_report")
+    if not base:
+        return None
+    return {"path": ctx.options.get("baseline_arg"), "sha256": stable_hash(base),
+            "recipe": (base.get("recipe") or {}).get("name") if isinstance(base.get("recipe"), dict) else None}
+
+
+# What report.json keeps of a deploy row (docs/report-schema.md); runtime_config, throughput and
+# preprocess are what a device needs to reproduce a latency (issue 20)
+REPORT_ARTIFACT_KEYS = ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1", "agreement",
+                        "latency_ms", "shipped", "where", "warnings", "latency_note", "baseline_comparison",
+                        "latency_by_batch", "latency_samples_ms", "prepared", "engine_build", "runtime_config",
+                        "throughput", "preprocess")
+
+
+def report_artifact(a: dict[str, Any]) -> dict[str, Any]:
+    """One report.json artifact row from a deploy-stage row."""
+    row = {k: a.get(k) for k in REPORT_ARTIFACT_KEYS}
+    row["measured"] = bool(a.get("measured"))
+    if not row["measured"]:
+        row["not_measured_reason"] = a.get("not_measured_reason")
+    row["parity"] = a.get("parity")
+    if a.get("rejected"):
+        row["rejected"], row["rejected_reason"] = True, a.get("rejected_reason")
+    return row
 
 
 def build_report(ctx: RunContext) -> dict[str, Any]:
@@ -33,16 +65,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     from deploy_targets.registry import get_target
 
     tgt = get_target(r.target.name)
-    artifacts = []
-    for a in deploy["artifacts"]:
-        row = {k: a.get(k) for k in ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1",
-                                     "agreement", "latency_ms", "shipped", "where", "warnings", "latency_note",
-                                     "baseline_comparison", "latency_by_batch", "latency_samples_ms", "prepared", "engine_build")}
-        row["measured"] = bool(a.get("measured"))
-        if not row["measured"]:
-            row["not_measured_reason"] = a.get("not_measured_reason")
-        row["parity"] = a.get("parity")
-        artifacts.append(row)
+    artifacts = [report_artifact(a) for a in deploy["artifacts"]]
     return {
         "schema_version": SCHEMA_VERSION,
         "recipe": {"name": r.name, "source": r.source, "config": r.to_dict()},
@@ -56,7 +79,9 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
                     "options": student.get("options"), "sha256": ctx.out("distill")["model_sha256"]},
         "artifacts": artifacts,
         "skipped_formats": ctx.out("optimize").get("skipped", []),
+        "baseline": _baseline_record(ctx),
         "gates": [],
+        "not_measured": None,
         "passed": False,
     }
 
@@ -67,11 +92,15 @@ def _gate_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
                                        ctx.recipe.target.allow_unmeasured)
     rows = [g.to_dict() for g in results]
     atomic.write_text(folder / "gates.junit.xml", gates_mod.junit_xml(results))
-    return {"gates": rows, "passed": gates_mod.all_passed(results), "junit": "gates.junit.xml"}
+    return {"gates": rows, "passed": gates_mod.all_passed(results), "junit": "gates.junit.xml",
+            "not_measured": gates_mod.not_measured_summary(report, ctx.recipe.target.allow_unmeasured)}
 
 
 def _report_config(ctx: RunContext) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION}
+    # The report embeds the whole recipe and the baseline, so both are part of its folder's key;
+    # the stage still runs on every invocation (cache=False): it writes OUT/report.*, OUT/gates.junit.xml
+    # and OUT/bundle/, which must be this invocation's whatever an earlier run left there.
+    return {"schema_version": SCHEMA_VERSION, "recipe": ctx.recipe.to_dict(), "baseline": _baseline_record(ctx)}
 
 
 def _report_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
@@ -80,19 +109,22 @@ def _report_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     report = build_report(ctx)
     g = ctx.out("gate")
     report["gates"], report["passed"] = g["gates"], g["passed"]
+    report["not_measured"] = g.get("not_measured")
     report["run"] = {"dir": str(ctx.run_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "stages": {n: {"key": s.key[:12], "cached": s.cached, "seconds": round(s.seconds, 2)}
                                 for n, s in ctx.results.items()}}
     curves = {"teacher": ctx.folder("teacher") / "metrics.jsonl", "student": ctx.folder("distill") / "metrics.jsonl"}
+    recommended, _ = recommend(report)
+    # The recommended artifact goes first: the bundle's infer.py runs the first one of its runtime.
+    # write_bundle takes the shipped rows with every file they need (OpenVINO .bin, TensorRT kit).
+    ordered = sorted(report["artifacts"], key=lambda a: f"{a['runtime']}/{a['precision']}" != recommended)
+    tar = write_bundle(ctx.run_dir / "bundle" / report["target"]["name"], ordered, ctx.run_dir,
+                       dict(_bundle_meta(ctx, report), recommended=recommended))
+    # The report says what shipped, so it is written from the finished bundle's manifest.
+    report["bundle"] = bundle_section(tar, ctx.run_dir, recommended)
+    report["baseline_artifacts"] = baseline_artifacts(ctx.options.get("baseline_report"))
     files = write_report(report, ctx.run_dir, curves)
     atomic.write_text(ctx.run_dir / "gates.junit.xml", (ctx.folder("gate") / "gates.junit.xml").read_text())
-    shipped = [a for a in report["artifacts"] if a.get("shipped") and a.get("path")]
-    # Engines are built on the device: ship what it builds them from (ONNX, Q/DQ ONNX, build script).
-    extra = [ctx.run_dir / p for a in report["artifacts"] for p in (a.get("prepared") or [])]
-    # An engine only runs on the GPU and TensorRT version that built it: keep that record beside it.
-    extra += [ctx.run_dir / a["engine_build"]["info"] for a in shipped if a.get("engine_build")]
-    tar = write_bundle(ctx.run_dir / "bundle" / report["target"]["name"], shipped, ctx.run_dir,
-                       _bundle_meta(ctx, report), sorted(set(extra)))
     return {**files, "bundle": str(tar.relative_to(ctx.run_dir))}
 
 
@@ -111,7 +143,8 @@ def _bundle_meta(ctx: RunContext, report: dict[str, Any]) -> dict[str, Any]:
 
 
 GATE = Stage("gate", ("deploy",), _gate_config, _gate_run, "check the gates")
-REPORT = Stage("report", ("gate",), _report_config, _report_run, "report.json/md/html, plots, deploy bundle")
+REPORT = Stage("report", ("gate",), _report_config, _report_run, "report.json/md/html, plots, deploy bundle",
+               cache=False)
 STAGES: list[Stage] = [TEACHER, DISTILL, EXPORT, OPTIMIZE, DEPLOY, GATE, REPORT]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -129,14 +162,10 @@ def _downstream(name: str) -> set[str]:
 
 
 def load_baseline(path: str | None) -> tuple[dict[str, Any] | None, Path | None]:
-    if not path:
-        return None, None
-    p = Path(path)
-    if p.is_dir():
-        p = p / "report.json"
-    if not p.is_file():
-        raise UserError(f"--baseline {path}: no report.json there; pass a report.json written by `pipeline run`")
-    return atomic.read_json(p, "--baseline"), p.parent
+    """The --baseline report, schema-checked (pipeline/baseline.py), before any stage runs."""
+    from pipeline.baseline import load_report
+
+    return load_report(path, "--baseline")
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -157,6 +186,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise UserError(f"{src}: key '{key}': {exc}") from None
 
     named("target.name", lambda: get_target(recipe.target.name))
+    check_inputs(recipe)  # data.spec and teacher.checkpoint exist and load (pipeline/recipe.py)
     if recipe.export.formats:
         named("export.formats", lambda: resolve_formats(recipe.export.formats))
     named("export.int8_head", lambda: check_int8_head(recipe.export.int8_head))
@@ -183,16 +213,22 @@ def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, basel
     for f in force or []:
         forced |= set(STAGE_NAMES) if f == "all" else _downstream(f)
     check_recipe(recipe)
+    from pipeline.preflight import preflight
+
+    preflight(recipe, run_dir, forced)  # a remote device: the doctor's checks, before any training
     base_report, base_dir = load_baseline(baseline)
     with run_lock(run_dir):
         ctx = RunContext(run_dir=run_dir, recipe=recipe,
-                         options={"baseline_report": base_report, "baseline_dir": base_dir,
+                         options={"baseline_report": base_report, "baseline_dir": base_dir, "baseline_arg": baseline,
                                   "remeasure_nonce": time.time() if "deploy" in forced else None})
         atomic.write_json(run_dir / "recipe.json", recipe.to_dict())
         for stage in STAGES:
             run_stage(stage, ctx, force=stage.name in forced)
+        report = json.loads((run_dir / "report.json").read_text())
         atomic.write_json(run_dir / "last_run.json", {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "passed": report["passed"], "exit_code": 0 if report["passed"] else 1,
+            "failed_gates": [f"{g['name']}[{g['artifact']}]" for g in report["gates"] if not g["passed"]],
             "stages": {n: {"folder": str(s.folder.relative_to(run_dir)), "cached": s.cached,
                            "seconds": round(s.seconds, 2)} for n, s in ctx.results.items()}})
-        return json.loads((run_dir / "report.json").read_text())
+        return report

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.checkpoint import file_sha256
+from export.parity import tolerances_for
 from pipeline.stage import RunContext, Stage, stable_hash
 
 CPU_REFERENCE_TARGET = "cpu"
@@ -15,12 +16,13 @@ CPU_REFERENCE_TARGET = "cpu"
 def load_bundle(ctx: RunContext):
     """The recipe's data, from the decode cache (seconds) after the first stage decoded it."""
     from dskd.data import load_data
+    from pipeline.train_stages import data_limits
 
     d = ctx.recipe.data
     if "bundle" not in ctx.options:
         ctx.options["bundle"] = load_data(d.spec, input_size=d.input_size, in_chans=d.in_chans,
                                           cache_dir=d.cache_dir or None, limit_per_class=d.limit_per_class or None,
-                                          skip_bad=d.skip_bad, progress=False)
+                                          skip_bad=d.skip_bad, progress=False, limits=data_limits(d))
     return ctx.options["bundle"]
 
 
@@ -37,7 +39,7 @@ def _target(ctx: RunContext):
 def _export_options(ctx: RunContext) -> dict[str, Any]:
     e = ctx.recipe.export
     return {"opset": e.opset, "calib_size": e.calib_size, "simplify": e.simplify,
-            "ov_int8_head": e.int8_head}
+            "ov_int8_head": e.int8_head, "tolerances": tolerances_for(e.parity_tolerance)}
 
 
 def _artifacts_from_manifest(manifest: Any, folder: Path, stage_dir: Path) -> list[dict[str, Any]]:
@@ -47,9 +49,15 @@ def _artifacts_from_manifest(manifest: Any, folder: Path, stage_dir: Path) -> li
                      "path": str((folder / a.path).relative_to(stage_dir)), "sha256": a.sha256,
                      "size_bytes": a.size_bytes, "parity": a.parity})
     skipped = [{"format": s.format, "reason": s.reason, "parity": s.parity,
-                "prepared": [str((folder / f.path).relative_to(stage_dir)) for f in s.prepared]}
+                "prepared": [str((folder / f.path).relative_to(stage_dir)) for f in s.prepared],
+                **({"rejected": True} if (s.details or {}).get("rejected") else {})}
                for s in manifest.skipped]
     return rows, skipped
+
+
+# A parity failure inside `pipeline run` is a finding about the model, not bad input: the artifact is
+# rejected (listed with its numbers, failing the `parity` gate) and the other formats are still built.
+ON_PARITY_FAILURE = "reject"
 
 
 # ---------------------------------------------------------------- export: ONNX FP32, verified
@@ -61,16 +69,20 @@ def _export_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     from export.api import export_all
 
     manifest = export_all(_student_pt(ctx), folder / "artifacts", formats=["onnx"], calib=load_bundle(ctx),
-                          **_export_options(ctx))
+                          on_parity_failure=ON_PARITY_FAILURE, **_export_options(ctx))
     rows, skipped = _artifacts_from_manifest(manifest, folder / "artifacts", folder)
+    for s in skipped:
+        ctx.log(f"  {s['format']}: {'REJECTED' if s.get('rejected') else 'not built here'} ({s['reason']})")
     return {"artifacts": rows, "skipped": skipped, "manifest": "artifacts/manifest.json"}
 
 
 # ---------------------------------------------------------------- optimize: the target's formats
 def target_formats(ctx: RunContext) -> list[str]:
     """Export formats the target ships, plus the QDQ INT8 ONNX that TensorRT INT8 builds from."""
-    if ctx.recipe.export.formats:
-        return list(ctx.recipe.export.formats)
+    if ctx.recipe.export.formats:  # the export stage builds the FP32 ONNX: listing it again would duplicate it
+        from export.formats import resolve_formats
+
+        return [s.name for s in resolve_formats(ctx.recipe.export.formats) if s.name != "onnx"]
     tgt = _target(ctx)
     names = [tgt.export_format(p) for p in tgt.precisions]
     if tgt.runtime == "tensorrt" and "onnx-int8" not in names:
@@ -89,10 +101,10 @@ def _optimize_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     if not formats:
         return {"artifacts": [], "skipped": []}
     manifest = export_all(_student_pt(ctx), folder / "artifacts", formats=formats, calib=load_bundle(ctx),
-                          **_export_options(ctx))
+                          on_parity_failure=ON_PARITY_FAILURE, **_export_options(ctx))
     rows, skipped = _artifacts_from_manifest(manifest, folder / "artifacts", folder)
     for s in skipped:
-        ctx.log(f"  {s['format']}: not built here ({s['reason']})")
+        ctx.log(f"  {s['format']}: {'REJECTED' if s.get('rejected') else 'not built here'} ({s['reason']})")
     return {"artifacts": rows, "skipped": skipped, "manifest": "artifacts/manifest.json"}
 
 
@@ -103,7 +115,13 @@ def _deploy_config(ctx: RunContext) -> dict[str, Any]:
                                        "min_seconds", "warmup_seconds")}
     base = ctx.options.get("baseline_report")
     cfg["baseline"] = stable_hash(base) if base else None
+    if ctx.recipe.export.trt_builder != "onnx":  # (the default keeps the cache keys it had)
+        cfg["trt_builder"] = ctx.recipe.export.trt_builder
+    for key in ("hint", "streams"):  # likewise: only a non-default hint/streams changes the key
+        if getattr(t, key):
+            cfg[key] = getattr(t, key)
     cfg["nonce"] = ctx.options.get("remeasure_nonce")
+    cfg["ab_protocol"] = 2 if base else None  # interleaved rounds for the paired regression rule
     return cfg
 
 
@@ -141,13 +159,18 @@ def _protocol(ctx: RunContext):
 
 
 def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval_set: Path | None,
-             device: str | None, batch_sizes: list[int]):
+             device: str | None, batch_sizes: list[int], latency_only: bool = False):
+    """One runner measurement with the recipe's protocol, threads, hint and streams.
+
+    `latency_only`: the paired A/B rounds compare p50s only, so they skip the throughput run.
+    """
     from deploy_targets.measure import measure
 
     t = ctx.recipe.target
     return measure(path, target_name, eval_set=eval_set, device=device, precision=precision,
                    batch_sizes=batch_sizes, threads=t.threads or None, protocol=_protocol(ctx),
-                   remote_python=t.python, remote_tmp=t.remote_tmp or None, timeout_s=t.timeout_s)
+                   remote_python=t.python, remote_tmp=t.remote_tmp or None, timeout_s=t.timeout_s,
+                   hint="latency" if latency_only else (t.hint or None), streams=t.streams or None)
 
 
 def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
@@ -159,20 +182,39 @@ def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
              latency_ms={k: lat.get(f"{k}_ms") for k in ("p50", "p90", "p99", "mean", "std")} | {"cov": lat.get("cov")},
              latency_by_batch=[{k: v for k, v in e.items() if k != "samples_ms"} for e in m.latency],
              latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings,
-             where=m.where, environment=m.environment)
+             where=m.where, environment=m.environment,
+             runtime_config=m.runtime_config, throughput=m.throughput, preprocess=m.preprocess)
     return a
 
 
 def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str, precision: str,
-                       device: str | None, rounds: int = 3) -> dict[str, Any]:
-    """Candidate and baseline measured alternately (A B A B ...) in this job; ratio of median p50s."""
-    c, b = [], []
-    for _ in range(rounds):
-        for path, acc in ((cand, c), (base, b)):
-            m = _measure(ctx, path, target_name, precision, None, device, [1])
-            acc.append(m.p50_ms)
+                       device: str | None, rounds: int | None = None) -> dict[str, Any]:
+    """Candidate and baseline measured alternately (A B A B ...) in this job.
+
+    Each round is one paired ratio; the gate judges the median of the ratios with its
+    confidence interval (pipeline.regression_stats), so `rounds` defaults to the fewest that
+    give a 95 % interval. A round in which the runner saw CPU contention on either side is
+    kept in the record but not used (`kept`), and another round is measured instead, at most
+    `rounds` extra. `ratio` (of the two median p50s) stays for older readers.
+    """
+    from pipeline.regression_stats import rounds_needed
+
+    rounds = rounds or rounds_needed()
+    c: list[float] = []
+    b: list[float] = []
+    kept: list[bool] = []
+    while sum(kept) < rounds and len(kept) < 2 * rounds:
+        contended = False
+        pair = []
+        for path in (cand, base):
+            m = _measure(ctx, path, target_name, precision, None, device, [1], latency_only=True)
+            pair.append(m.p50_ms)
+            contended |= any(e.get("contended") for e in m.latency)
+        c.append(pair[0])
+        b.append(pair[1])
+        kept.append(not contended)
     ratio = statistics.median(c) / statistics.median(b)
-    return {"ratio": ratio, "rounds": rounds, "candidate_p50_ms": c, "baseline_p50_ms": b}
+    return {"ratio": ratio, "rounds": len(c), "candidate_p50_ms": c, "baseline_p50_ms": b, "kept": kept}
 
 
 def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
@@ -210,8 +252,9 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
             # still says whether quantization kept the model intact before anything reaches a device.
             m = _measure(ctx, path, CPU_REFERENCE_TARGET, a["precision"], eval_set, None, [1])
             results.append(dict(_record(a, m), latency_note="measured on this machine's CPU, not on the target"))
+    results += rejected_rows(ctx)
     skipped = [sk for sk in ctx.out("optimize").get("skipped", [])
-               if _format_spec(sk["format"]).runtime == tgt.runtime
+               if not sk.get("rejected") and _format_spec(sk["format"]).runtime == tgt.runtime
                and _format_spec(sk["format"]).precision in tgt.precisions]
     kit = sorted({ctx.folder("optimize") / p for sk in skipped for p in sk.get("prepared", [])})
     for sk in skipped:
@@ -232,6 +275,37 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
             "eval_set": "eval.npz", "environment": env, "runtime": tgt.runtime}
 
 
+def rejected_rows(ctx: RunContext) -> list[dict[str, Any]]:
+    """Artifacts that failed their export parity check: not shipped, not measured, listed with
+    the agreement the check measured (so the report says how far off they were)."""
+    tgt = _target(ctx)
+    rows = []
+    for stage in ("export", "optimize"):
+        for sk in ctx.out(stage).get("skipped", []):
+            if not sk.get("rejected"):
+                continue
+            spec = _format_spec(sk["format"])
+            parity = sk.get("parity") or {}
+            agreement = parity.get("top1_agreement")
+            rows.append({"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
+                         "sha256": None, "size_bytes": None,
+                         "shipped": spec.runtime == tgt.runtime and spec.precision in tgt.precisions,
+                         "measured": False, "top1": None, "latency_ms": None,
+                         "agreement": round(100.0 * agreement, 4) if agreement is not None else None,
+                         "not_measured_reason": f"rejected by the export parity check: {sk['reason']}",
+                         "rejected": True, "rejected_reason": sk["reason"], "parity": sk.get("parity")})
+            ctx.log(f"  {spec.runtime}/{spec.precision}: REJECTED ({sk['reason']})")
+    return rows
+
+
+def deploy_complete(outputs: dict[str, Any]) -> bool:
+    """A deploy that left a shipped artifact unmeasured (device down, engine build failed) is not
+    cached: the next run tries the device again instead of repeating "not measured"."""
+    if not outputs.get("target_available", True):
+        return False
+    return all(a.get("measured") or a.get("rejected") or not a.get("shipped") for a in outputs.get("artifacts", []))
+
+
 def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Path], eval_set: Path,
                 device: str | None) -> dict[str, Any]:
     """Build the engine on the target from the optimize stage's kit, then measure it there.
@@ -246,10 +320,16 @@ def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Pa
     t = ctx.recipe.target
     tgt = _target(ctx)
     label = f"{row['runtime']}/{row['precision']}"
+    builder = ctx.recipe.export.trt_builder
     try:
+        if builder != "onnx":  # torch-tensorrt: its own kit (checkpoint, model zoo source, build script)
+            from export.torch_trt import write_stage_kit
+
+            kit = write_stage_kit(_student_pt(ctx), folder / "torch_trt_kit", tgt.precisions, load_bundle(ctx),
+                                  ctx.recipe.export.calib_size)
         built = build_engines(kit, [row["precision"]], device, out_dir=folder / "engines",
                               remote_python=t.python, timeout_s=t.timeout_s, remote_tmp=t.remote_tmp or None,
-                              trtexec=t.trtexec or None)[row["precision"]]
+                              trtexec=t.trtexec or None, builder=builder)[row["precision"]]
     except UserError as exc:
         ctx.log(f"  {label}: engine not built: {exc}")
         return dict(row, not_measured_reason=f"engine build failed: {exc}")
@@ -287,6 +367,8 @@ def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None
         return None
     for b in base_report.get("artifacts", []):
         if (b["format"], b["precision"], b["runtime"]) == (a["format"], a["precision"], a["runtime"]):
+            if not b.get("path"):  # rejected, or a device format not built where the baseline ran
+                return None
             p = base_dir / b["path"]
             return p if p.exists() else None
     return None
@@ -294,7 +376,8 @@ def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None
 
 EXPORT = Stage("export", ("distill",), _export_config, _export_run, "student -> verified ONNX")
 OPTIMIZE = Stage("optimize", ("distill",), _optimize_config, _optimize_run, "target formats (INT8, IR, engines)")
-DEPLOY = Stage("deploy", ("export", "optimize"), _deploy_config, _deploy_run, "measure latency and accuracy on the target")
+DEPLOY = Stage("deploy", ("export", "optimize"), _deploy_config, _deploy_run, "measure latency and accuracy on the target",
+               complete=deploy_complete)
 
 
 def student_sha(ctx: RunContext) -> str:

@@ -3,6 +3,13 @@
 A stage folder is `RUN/stages/<name>-<key12>/`. `stage.json` is written last, atomically: its
 presence with the same key means "finished", so a re-run skips it; a folder without it is an
 interrupted attempt that the next run continues in (the trainer resumes from `last.pt`).
+
+Two exceptions keep a cached re-run from reporting an old verdict:
+- a stage with `cache=False` always runs (the report: it writes the run folder's `report.*`,
+  `gates.junit.xml` and bundle, which belong to the invocation, not to a key);
+- a stage whose `complete(outputs)` says False (deploy with an artifact left unmeasured) is
+  recorded but re-run next time, so a device that came back is measured rather than
+  remembered as unreachable.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class Stage:
     config: Callable[[RunContext], dict[str, Any]]
     run: Callable[[RunContext, Path], dict[str, Any]]
     description: str = ""
+    cache: bool = True
+    complete: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass
@@ -70,12 +79,12 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> StageResult
     key = stage_key(stage, ctx)
     folder = ctx.run_dir / "stages" / f"{stage.name}-{key[:12]}"
     marker = folder / STAGE_FILE
-    if marker.exists() and not force:
+    if marker.exists() and not force and stage.cache:
         try:
             done = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             done = {}
-        if done.get("key") == key:
+        if done.get("key") == key and done.get("complete", True):
             ctx.log(f"[{stage.name}] cached ({folder.relative_to(ctx.run_dir)})")
             res = StageResult(stage.name, key, folder, done.get("outputs", {}), True, 0.0)
             ctx.results[stage.name] = res
@@ -86,9 +95,10 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> StageResult
     t0 = time.perf_counter()
     outputs = stage.run(ctx, folder)
     seconds = time.perf_counter() - t0
+    complete = stage.complete(outputs) if stage.complete else True
     atomic.write_json(marker, {"name": stage.name, "key": key, "config": stage.config(ctx),
                                "inputs": {d: ctx.results[d].key for d in stage.deps},
-                               "outputs": outputs, "seconds": round(seconds, 3),
+                               "outputs": outputs, "complete": complete, "seconds": round(seconds, 3),
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     ctx.log(f"[{stage.name}] done in {seconds:.1f} s")
     res = StageResult(stage.name, key, folder, outputs, False, seconds)

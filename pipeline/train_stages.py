@@ -22,6 +22,11 @@ def _data_config(r: Recipe) -> dict[str, Any]:
             "train_subset": d.train_subset, "limit_per_class": d.limit_per_class}
 
 
+def data_limits(d: Any) -> dict[str, float]:
+    """The recipe's [data] caps on reading files (dskd.data.limits.DataLimits fields)."""
+    return {"max_file_mb": d.max_file_mb, "max_total_mb": d.max_total_mb, "max_image_mp": d.max_image_mp}
+
+
 def _source_identity(spec: str) -> str:
     """The data spec plus the file's size/mtime, so replacing the data re-runs training."""
     p = Path(spec)
@@ -50,7 +55,7 @@ def train_in_folder(ctx: RunContext, section: TrainSection, method: str, teacher
         options=dict(section.options), input_size=d.input_size, in_chans=d.in_chans,
         train_subset=d.train_subset, limit_per_class=d.limit_per_class or None,
         device=section.device, cache_dir=d.cache_dir or None, skip_bad=d.skip_bad,
-        ddp_timeout_s=section.ddp_timeout_s,
+        ddp_timeout_s=section.ddp_timeout_s, data_limits=data_limits(d),
     )
     resume = (folder / "last.pt").exists()
     if resume:
@@ -80,6 +85,8 @@ def _train_torchrun(cfg: Any, folder: Path, nproc: int, resume: bool) -> None:
         args.append(f"--cache-dir={cfg.cache_dir}")
     if cfg.skip_bad:
         args.append("--skip-bad")
+    if cfg.data_limits:
+        args.append(f"--data-limits={json.dumps(cfg.data_limits)}")
     if resume:
         args.append("--resume")
     for k, v in cfg.options.items():

@@ -614,3 +614,92 @@ def test_real_cifar10_jpg_subset(tmp_path: Path) -> None:
     assert b.train_y.tolist() == [c for c in range(10) for _ in range(5)]
     assert 0.3 < b.mean[0] < 0.7 and 0.1 < b.std[0] < 0.4
     assert b.train_x.float().std() > 20  # real pictures, not blank decodes
+
+
+# ---------------------------------------------------------------- caps (dskd.data.limits)
+def _tar_of(dest: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(dest, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def test_archive_caps_from_headers_and_while_streaming(tmp_path: Path) -> None:
+    from dskd.data.archive import _Budget, iter_members, read_archive
+    from dskd.data.limits import ByteCaps
+
+    archive = _tar_of(tmp_path / "a.tar.gz", {"x/a.png": b"\0" * 3000, "x/b.png": b"\0" * 3000})
+    with pytest.raises(UserError, match=r"a\.tar\.gz:x/a\.png: is 2\.9 KiB, over the per-file cap of 2\.0 KiB "
+                                        r"\(data\.max_file_mb\); raise data\.max_file_mb"):
+        read_archive(archive, lambda n: True, caps=ByteCaps(2048, None))
+    with pytest.raises(UserError, match=r"x/b\.png: the data read reaches 5\.9 KiB, over the total cap of "
+                                        r"4\.9 KiB \(data\.max_total_mb\)"):
+        read_archive(archive, lambda n: True, caps=ByteCaps(None, 5000))
+    data, files, _ = read_archive(archive, lambda n: True, caps=ByteCaps(3000, 6000))
+    assert sorted(files) == ["x/a.png", "x/b.png"] and len(data["x/a.png"]) == 3000
+    assert [n for n, d, _ in iter_members(archive)] == ["x/a.png", "x/b.png"]  # no caps: as before
+    # A header can lie; what is delivered is counted too.
+    reader = _Budget(archive, ByteCaps(100, None)).wrap("x/lie.png", io.BytesIO(b"\0" * 500))  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"x/lie\.png: holds more than 500 B, over the per-file cap of 100 B"):
+        reader.readall()
+
+
+def test_safe_extract_caps_leave_nothing(tmp_path: Path) -> None:
+    from dskd.data.limits import ByteCaps
+
+    archive = _tar_of(tmp_path / "b.tar.gz", {"m/model.onnx": b"\0" * 4096})
+    caps = ByteCaps(1024, None, "bundle.max_member", "bundle.max_total")
+    with pytest.raises(UserError, match=r"over the per-file cap of 1\.0 KiB \(bundle\.max_member\)"):
+        safe_extract(archive, tmp_path / "out", caps=caps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar.gz"]
+    assert (safe_extract(archive, tmp_path / "ok") / "m" / "model.onnx").stat().st_size == 4096
+
+
+def test_data_limits_are_checked_and_named(tmp_path: Path) -> None:
+    from dskd.data.limits import DataLimits
+
+    with pytest.raises(UserError, match=r"data\.max_file_mb = 0: must be a positive number"):
+        DataLimits(max_file_mb=0)
+    with pytest.raises(UserError, match="unknown key 'max_files_mb'"):
+        load_data(tmp_path, limits={"max_files_mb": 1})
+
+
+def test_pil_bomb_limit_is_ours_during_decode_and_restored() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    with decode_mod.pil_pixel_cap(1000):
+        assert Image.MAX_IMAGE_PIXELS == 1000
+    assert Image.MAX_IMAGE_PIXELS == before
+    buf = io.BytesIO()
+    Image.new("L", (100, 100)).save(buf, "PNG")
+    out, bad = decode_mod.decode_many([buf.getvalue()], 8, 1, workers=1, max_pixels=5000)
+    assert bad and bad[0][1].startswith(decode_mod.LIMIT_PREFIX + "image of 100×100 = 0.0 megapixels")
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def _die(args: object) -> None:
+    os._exit(9)  # what the kernel's OOM killer does to a decode worker
+
+
+def test_a_killed_decode_worker_is_an_error_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    monkeypatch.setattr(decode_mod, "_decode_chunk", _die)
+    with pytest.raises(decode_mod.WorkerDied, match="killed"):
+        decode_mod.decode_many([buf.getvalue()] * (decode_mod._MIN_PARALLEL + 10), 8, 1, workers=2)
+
+
+def test_memory_error_is_never_a_bad_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MemoryError in the decoder is the machine, not the file: one line naming the step."""
+    root = tmp_path / "d"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("L", (4, 4)).save(root / split / "a" / "0.png")
+
+    def oom(*a: object, **k: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(decode_mod, "decode_image", oom)
+    with pytest.raises(UserError, match=r"out of memory while decoding images; lower data\.input_size"):
+        load_data(root, 8, 1, cache_dir=tmp_path / "c", progress=False, skip_bad=True)

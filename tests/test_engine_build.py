@@ -129,6 +129,18 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
+@pytest.fixture(autouse=True)
+def engine_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own device-side engine cache (never the real ~/.cache/dskd/engines)."""
+    import shlex
+
+    from deploy_targets import engine_build
+
+    folder = tmp_path_factory.mktemp("engine-cache")
+    monkeypatch.setattr(engine_build, "ENGINE_CACHE_EXPR", shlex.quote(str(folder)))
+    return folder
+
+
 @pytest.fixture()
 def remote_tmp(tmp_path: Path) -> Path:
     """A temp base on the 'device' we can inspect for leftovers."""
@@ -192,7 +204,49 @@ def test_build_over_ssh_then_measure_the_downloaded_engine(sshd: Sshd, fakes: di
                 remote_tmp=str(remote_tmp), batch_sizes=(1, 8))
     assert m.accuracy["correct"] == 18 and m.where == sshd.device
     assert m.environment["gpu"] == "FAKE GPU" and m.latency_at(8)["p50_ms"] > 0
+    # the board state is probed before and after; the sshd host is no Jetson, and the record says so
+    assert "not a Jetson" in m.environment["board_state"]["before"]["error"]
+    assert m.environment["board_state"]["at_max_clocks"] is None
     assert list(remote_tmp.iterdir()) == []
+
+
+@needs_sshd
+def test_rerun_reuses_the_engine_cached_on_the_device(sshd: Sshd, fakes: dict, tmp_path: Path, remote_tmp: Path,
+                                                      engine_cache: Path):
+    """The second build of the same kit on the same device copies the cached engine: the FAKE
+    trtexec given the second time always fails, so a rebuild could not succeed."""
+    common = dict(ssh=sshd.options(), remote_python=fakes["python"], timeout_s=60, remote_tmp=str(remote_tmp))
+    first = build_engines(fakes["kit"], ["fp16"], sshd.device, out_dir=tmp_path / "a",
+                          trtexec=str(fakes["trtexec"]["ok"]), **common)["fp16"]
+    assert first.cached is False and len(first.cache_key) == 32
+    cached = sorted(p.name for p in (engine_cache / first.cache_key).iterdir())
+    assert cached == ["model.fp16.engine", "model.fp16.engine.json", "model.fp16.engine.sha256"]
+    again = build_engines(fakes["kit"], ["fp16"], sshd.device, out_dir=tmp_path / "b",
+                          trtexec=str(fakes["trtexec"]["fail"]), **common)["fp16"]
+    assert again.cached is True and again.cache_key == first.cache_key and again.sha256 == first.sha256
+    assert again.local_engine_path.read_bytes() == first.local_engine_path.read_bytes()
+    info = json.loads(again.info_path.read_text())
+    assert info["cache"]["hit"] is True and info["cache"]["key"] == first.cache_key
+    assert "not rebuilt" in again.log_path.read_text()
+    assert list(remote_tmp.iterdir()) == []
+    # a corrupted cache entry is not trusted: the build runs again (and here fails, naming FakeOp)
+    (engine_cache / first.cache_key / "model.fp16.engine").write_text("{}")
+    with pytest.raises(DeviceError, match="FakeOp"):
+        build_engines(fakes["kit"], ["fp16"], sshd.device, out_dir=tmp_path / "c",
+                      trtexec=str(fakes["trtexec"]["fail"]), **common)
+
+
+def test_engine_cache_key_covers_every_input():
+    from deploy_targets.engine_build import engine_cache_key
+
+    base = dict(sources={"model.onnx": "a" * 64, "build_trtexec.sh": "b" * 64}, precision="fp16",
+                builder="onnx", tensorrt_version="10.3.0", device_model="Orin | NVIDIA Jetson AGX Orin")
+    key = engine_cache_key(**base)
+    assert key == engine_cache_key(**dict(base, sources=dict(reversed(base["sources"].items()))))
+    for change in (dict(sources={"model.onnx": "c" * 64, "build_trtexec.sh": "b" * 64}),
+                   dict(precision="int8"), dict(builder="torch-tensorrt"), dict(tensorrt_version="10.3.1"),
+                   dict(device_model="Orin | NVIDIA Jetson Orin Nano")):
+        assert engine_cache_key(**dict(base, **change)) != key, change
 
 
 def test_local_build_finds_trtexec_on_path_and_records_the_gpu(fakes: dict, tmp_path: Path,
@@ -280,7 +334,8 @@ def _user_ssh_config(sshd: Sshd, folder: Path) -> Path:
 
 @needs_sshd
 def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fakes: dict, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  engine_cache: Path):
     from dskd.checkpoint import file_sha256
     from pipeline.recipe import load_recipe
     from pipeline.run import execute
@@ -313,10 +368,54 @@ def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fak
         info = json.loads((path.parent / f"{path.name}.json").read_text())
         assert info["tensorrt_version"] == "10.3.0" and rec["engine_build"]["tensorrt_version"] == "10.3.0"
         assert info["engine_sha256"] == a["sha256"] and (run_dir / rec["engine_build"]["log"]).exists()
+        assert info["cache"]["stored"] is True and info["cache"]["hit"] is False  # kept on the device
     # a failing build on the device is recorded with its reason; the run goes on
+    shutil.rmtree(engine_cache)  # (a cached engine would be reused without running trtexec at all)
     recipe.target.trtexec = str(fakes["trtexec"]["fail"])
     report = execute(recipe, run_dir, force=["deploy"])
     for a in (a for a in report["artifacts"] if a["runtime"] == "tensorrt"):
         assert a["measured"] is False and a["path"] is None
         assert a["not_measured_reason"].startswith(f"engine build failed: {sshd.device}: TensorRT")
         assert "FakeOp" in a["not_measured_reason"]
+
+
+@needs_sshd
+@pytest.mark.timeout(600)  # trains a tiny student, then two torch.export builds on a 2-core machine
+def test_pipeline_with_the_torch_tensorrt_builder(sshd: Sshd, fakes: dict, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, engine_cache: Path):
+    """export.trt_builder = "torch-tensorrt": the deploy stage ships the torch-tensorrt kit, the
+    device (sshd, FAKE torch_tensorrt/modelopt over the REAL torch, no trtexec) builds both engines
+    with build_torch_trt.py (fp16, and int8 through the FAKE ModelOpt Q/DQ), and the runner measures
+    them (FAKE tensorrt). The kit is built for cpu here: torch has no GPU on this machine."""
+    import torch
+
+    from export import torch_trt
+    from pipeline.recipe import load_recipe
+    from pipeline.run import execute
+    from tests.fakes.torch_trt import write_fake_torch_trt_lib
+
+    monkeypatch.setattr(torch_trt, "DEFAULT_DEVICE", "cpu")
+    monkeypatch.setenv("PATH", f"{_user_ssh_config(sshd, tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
+    lib = write_fake_torch_trt_lib(tmp_path / "tt-lib", torch_tensorrt=torch.__version__.split("+")[0],
+                                   tensorrt=None)  # tensorrt + pycuda: the runner's FAKE ones
+    recipe = load_recipe("digits-smoke", {
+        "data.input_size": 8, "data.in_chans": 1, "data.limit_per_class": 20,
+        "teacher.model": "resnet8", "teacher.epochs": 1, "student.model": "resnet8", "student.epochs": 1,
+        "student.method": "kd", "student.options": {}, "export.calib_size": 32, "target.name": "jetson-orin",
+        "export.trt_builder": "torch-tensorrt", "target.device": sshd.device,
+        "target.python": f"env PYTHONPATH={fakes['lib']}:{lib} {sys.executable}", "target.batch_sizes": [1],
+        "target.min_iters": 10, "target.min_seconds": 0.05, "target.warmup_seconds": 0.02,
+        "target.timeout_s": 300.0, "target.allow_unmeasured": True, "target.trtexec": "/nonexistent/trtexec",
+    })
+    report = execute(recipe, tmp_path / "run")
+    engines = {a["precision"]: a for a in report["artifacts"] if a["runtime"] == "tensorrt"}
+    assert sorted(engines) == ["fp16", "int8"]
+    for precision, a in engines.items():
+        assert a["measured"] is True, a.get("not_measured_reason")
+        info = json.loads((tmp_path / "run" / a["path"]).with_suffix(".engine.json").read_text())
+        assert info["cache"]["builder"] == "torch-tensorrt"
+        script = info["build_script_info"]
+        assert script["builder"] == "torch-tensorrt" and script["precision"] == precision
+        fake = json.loads((tmp_path / "run" / a["path"]).read_bytes())
+        assert fake["precisions"] == ["torch.float16"] + (["torch.int8"] if precision == "int8" else [])
+        assert fake["shapes"][0] == [1, 1, 8, 8]  # the student's input, from its checkpoint

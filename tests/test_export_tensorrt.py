@@ -221,3 +221,133 @@ def test_engine_build_skipped_with_reason_without_tensorrt(tmp_path):
         build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", "fp16", CHW,
                      calib_x=np.zeros((1, *CHW), np.float32))
     assert not (tmp_path / "m.engine").exists()
+
+
+# --------------------------------------------------------------------------- torch-tensorrt builder
+# The build script (export/torch_trt.py) runs here with the REAL torch (torch.export of a real zoo
+# model) and FAKE torch_tensorrt / tensorrt / modelopt packages (tests/fakes/torch_trt.py): what is
+# tested is our script, its version checks, its arguments and its output, not torch-tensorrt.
+TT_CHW = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def student_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from dskd.checkpoint import save_model
+    from dskd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=4, in_chans=TT_CHW[0])
+    path = tmp_path_factory.mktemp("student") / "model.pt"
+    save_model(path, model.state_dict(), {"model": "resnet8", "num_classes": 4, "class_names": list("abcd"),
+                                          "input_size": TT_CHW[1], "in_chans": TT_CHW[0], "mean": [0.5],
+                                          "std": [0.25]})
+    return path
+
+
+def _fake_lib(root: Path, **kw) -> Path:
+    import torch
+
+    from tests.fakes.torch_trt import write_fake_torch_trt_lib
+
+    kw.setdefault("torch_tensorrt", torch.__version__.split("+")[0])  # the pair torch-tensorrt wants
+    return write_fake_torch_trt_lib(root, **kw)
+
+
+def _run_kit(kit_dir: Path, lib: Path, *args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    return subprocess.run([sys.executable, str(kit_dir / "build_torch_trt.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+
+
+def test_torch_trt_builder_names_and_command():
+    from export.torch_trt import build_command, check_builder, parse_result
+
+    assert check_builder("Torch-TensorRT") == "torch-tensorrt" and check_builder("onnx") == "onnx"
+    with pytest.raises(UserError, match="export.trt_builder 'trt': choose 'onnx' or 'torch-tensorrt'"):
+        check_builder("trt")
+    assert build_command("env X=1 python3", "int8", ep=True) == [
+        "env", "X=1", "python3", "build_torch_trt.py", "--precision", "int8", "--out", "model.int8.engine",
+        "--ep", "model.int8.ep"]
+    with pytest.raises(UserError, match="precision 'fp32'"):
+        build_command("python3", "fp32")
+    line = '@@dskd-torch-trt {"engine_sha256": "ab", "precision": "fp16"}'
+    assert parse_result(f"noise\n{line}\n")["precision"] == "fp16"
+    with pytest.raises(UserError, match="printed no result line"):
+        parse_result("Traceback ...\n@@dskd-torch-trt {not json")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_torch_trt_kit_exports_the_real_student(student_pt: Path, tmp_path: Path, precision: str):
+    import torch
+
+    from dskd.checkpoint import build_model
+    from export.torch_trt import parse_result, write_kit
+
+    calib = np.random.default_rng(0).integers(0, 256, (40, *TT_CHW), dtype=np.uint8)
+    files = write_kit(student_pt, tmp_path / "kit", [precision], calib_x=calib, mean=[0.5], std=[0.25],
+                      batches=(1, 2, 4), workspace_mib=64, device="cpu")
+    names = sorted(p.name for p in files)
+    assert names == sorted(["model.pt", "dskd_models.zip", "build_torch_trt.py"]
+                           + (["calib.npz"] if precision == "int8" else []))
+    proc = _run_kit(tmp_path / "kit", _fake_lib(tmp_path / "lib"), "--precision", precision)
+    assert proc.returncode == 0, proc.stderr
+    result = parse_result(proc.stdout)
+    engine = tmp_path / "kit" / f"model.{precision}.engine"
+    assert result["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
+    assert result["profile"] == {"min": 1, "opt": 2, "max": 4} and result["input_chw"] == list(TT_CHW)
+    assert json.loads((tmp_path / "kit" / f"model.{precision}.engine.json").read_text()) == result
+    fake = json.loads(engine.read_bytes())  # the FAKE converter's record of what it was given
+    assert fake["shapes"] == [[1, *TT_CHW], [2, *TT_CHW], [4, *TT_CHW]]
+    want = ["torch.float16"] + (["torch.int8"] if precision == "int8" else [])
+    assert fake["precisions"] == want and fake["workspace_size"] == 64 << 20
+    # the exported program (dynamic batch 1..4) computes what the student computes
+    model, _ = build_model(student_pt)
+    for key in ("min_shape", "max_shape"):
+        batch, logits = fake["outputs"][key]
+        x = torch.randn(batch, *TT_CHW, generator=torch.Generator().manual_seed(0))
+        assert np.allclose(np.asarray(logits), model(x).detach().numpy(), atol=1e-4)
+
+
+def test_torch_trt_script_refuses_bad_versions_and_missing_modelopt(student_pt: Path, tmp_path: Path):
+    from export.torch_trt import write_kit
+
+    calib = np.zeros((4, *TT_CHW), dtype=np.uint8)
+    write_kit(student_pt, tmp_path / "kit", ["fp16", "int8"], calib_x=calib, mean=[0.5], std=[0.25],
+              batches=(1, 2, 4), device="cpu")
+    proc = _run_kit(tmp_path / "kit", _fake_lib(tmp_path / "old", torch_tensorrt="2.6.0"), "--precision", "fp16")
+    assert proc.returncode == 2 and "torch-tensorrt 2.6.0 needs torch 2.6" in proc.stderr
+    proc = _run_kit(tmp_path / "kit", _fake_lib(tmp_path / "nomo", modelopt=False), "--precision", "int8")
+    assert proc.returncode == 3 and "pip install nvidia-modelopt" in proc.stderr
+    assert not (tmp_path / "kit" / "model.int8.engine").exists()
+    with pytest.raises(UserError, match="int8 needs calibration images"):
+        write_kit(student_pt, tmp_path / "k2", ["int8"], device="cpu")
+
+
+def test_engine_build_with_the_torch_trt_builder(student_pt: Path, tmp_path: Path):
+    """build_engines(builder="torch-tensorrt") on 'this device': no trtexec needed, the TensorRT
+    version comes from python's (FAKE) tensorrt, the engine is cached under a builder-specific key."""
+    import sys
+
+    from deploy_targets.engine_build import build_engines
+    from export.torch_trt import write_kit
+
+    kit = write_kit(student_pt, tmp_path / "kit", ["fp16"], batches=(1, 2, 4), device="cpu")
+    lib = _fake_lib(tmp_path / "lib")
+    python = f"env PYTHONPATH={lib} {sys.executable}"
+    cache = tmp_path / "cache"
+    common = dict(out_dir=tmp_path / "out", remote_python=python, timeout_s=300, builder="torch-tensorrt",
+                  cache_dir=str(cache), trtexec=str(tmp_path / "no-trtexec-here"))
+    built = build_engines(kit, ["fp16"], None, **common)["fp16"]
+    assert built.tensorrt_version == "10.14.1" and built.cached is False
+    info = json.loads(built.info_path.read_text())
+    assert info["cache"]["builder"] == "torch-tensorrt" and info["build_script_info"]["builder"] == "torch-tensorrt"
+    assert json.loads(built.local_engine_path.read_bytes())["fake_engine"] is True
+    again = build_engines(kit, ["fp16"], None, **common)["fp16"]
+    assert again.cached is True and again.sha256 == built.sha256
+    assert (cache / again.cache_key / "model.fp16.engine").is_file()
+    with pytest.raises(UserError, match="kit lacks build_torch_trt.py"):
+        build_engines([p for p in kit if p.name != "build_torch_trt.py"], ["fp16"], None, **common)

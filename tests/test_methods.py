@@ -27,6 +27,8 @@ ALL_METHODS = ["ce", "kd", "dkd", "fitnet", "lshfm", "diffkd", "dskd"]
 class TinyNet(nn.Module):
     """Smallest model with the zoo interface (forward_features / forward_head / num_features / fc)."""
 
+    pooled_linear_head = True  # forward_head is mean over positions + fc: DSKD may use closed-form guidance
+
     def __init__(self, width: int = 16, num_classes: int = 4, stride: int = 2) -> None:
         super().__init__()
         self.body = nn.Sequential(

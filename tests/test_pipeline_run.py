@@ -74,7 +74,9 @@ def test_run_passes_and_writes_a_valid_report(base_run: Path):
 def test_second_run_is_served_from_cache(base_run: Path):
     report = execute(load_recipe("digits-smoke", FAST), base_run)
     assert report["passed"]
-    assert all(_stage_states(base_run).values()), _stage_states(base_run)
+    states = _stage_states(base_run)
+    # Everything is cached but the report, which is rewritten so that it is always this run's verdict.
+    assert {n for n, cached in states.items() if not cached} == {"report"}, states
 
 
 def test_changing_a_gate_reruns_only_gate_and_report(base_run: Path, tmp_path: Path):

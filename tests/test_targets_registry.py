@@ -49,6 +49,18 @@ def test_registry_has_the_required_targets():
         assert set(dict(t.formats)) == set(t.precisions) == set(dict(t.export_formats))
 
 
+def test_every_target_documents_its_thread_and_stream_defaults():
+    """Issue 20: the default that changes the number by 1.5x is explicit per target."""
+    for t in list_targets():
+        assert t.hint == "latency" and t.streams == 0
+        if t.runtime == "tensorrt":
+            assert t.threads is None  # no CPU threads for a GPU engine
+        else:
+            assert isinstance(t.threads, int) and t.threads >= 0
+    assert get_target("cpu").threads == get_target("intel-cpu").threads == 1  # shared machines
+    assert get_target("ssh-cpu").threads == 0  # a dedicated device: all physical cores
+
+
 def test_unknown_target_suggests_a_name():
     with pytest.raises(UserError, match="did you mean jetson-orin"):
         get_target("jetson-orn")
@@ -184,8 +196,12 @@ def test_runner_args_round_trip_through_the_runner_parser():
         eval_path="e.npz",
         trtexec=None,
         timeout_s=60,
+        hint="throughput",
+        streams=3,
+        image_path="frame.jpg",
     )
     ns = build_parser().parse_args(args)
+    assert (ns.hint, ns.streams, ns.image_path) == ("throughput", 3, "frame.jpg")
     assert (ns.artifact, ns.runtime, ns.precision, ns.threads, ns.batch_sizes) == (
         "m.onnx",
         "onnxruntime",

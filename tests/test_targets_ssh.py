@@ -16,12 +16,13 @@ import pytest
 
 from deploy_targets import DeviceError, Protocol, get_target, measure
 from deploy_targets.ssh import SshClient
+from dskd.errors import UserError
 from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_server
 from tests.test_targets_runner import build_tiny_artifacts
 
 pytestmark = [
     pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason())),
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(300),  # a hang guard only: generous, so a 2x oversubscribed machine passes
 ]
 
 # contention_retries=0: these tests check plumbing, not timing, so a busy machine need not rerun
@@ -297,3 +298,116 @@ def test_lost_connection_is_one_line_not_a_hang(
     assert isinstance(err, DeviceError), err
     assert "connection lost" in _one_line(err)
     assert list(remote_tmp.iterdir()) == []  # cleanup reconnected and removed the folder
+
+
+# ---------------------------------------------------------------- hostile file names and external data
+HOSTILE_NAMES = {
+    "option": "-oProxyCommand=touch X.onnx",  # scp used to read it as an option and run `touch`
+    "shell": "we ird 'single' \"double\" $(touch PWNED) `touch TICK` ;x.onnx",
+    "remote-looking": "host:path.onnx",  # a colon before any '/' makes scp treat it as remote
+}
+
+
+@pytest.mark.parametrize(("kind", "legacy"), [("option", False), ("option", True), ("shell", False),
+                                              ("shell", True), ("remote-looking", False)])
+def test_hostile_file_names_are_copied_as_names_and_nothing_runs(
+    kind: str, legacy: bool, sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+):
+    """Relative paths as a user types them (`./-o...`: pathlib drops the `./`), through SFTP-mode
+    scp and legacy scp (-O, where the device's shell sees the target). Success proves the names
+    arrived literally: the runner hashes the file it opened, and measure() compares the sha256."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    name, eval_name = HOSTILE_NAMES[kind], f"-e $(touch EVAL) '{kind}'.npz"
+    shutil.copy(artifacts["onnx"], work / name)
+    shutil.copy(artifacts["eval"], work / eval_name)
+    monkeypatch.chdir(work)
+    m = measure(f"./{name}", "ssh-cpu", eval_set=f"./{eval_name}", device=sshd.device,
+                ssh=sshd.options(scp_legacy=legacy), remote_python=sys.executable, remote_tmp=str(remote_tmp),
+                protocol=FAST)  # fmt: skip
+    assert m.where == sshd.device and m.accuracy["agreement"] == 1.0 and m.accuracy["n"] == artifacts["n"]
+    assert sorted(p.name for p in work.iterdir()) == sorted([name, eval_name])  # no X.onnx, PWNED, TICK, EVAL
+    assert list(remote_tmp.iterdir()) == []
+
+
+def test_scp_arguments_end_options_and_use_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from deploy_targets.ssh import SshOptions
+
+    monkeypatch.chdir(tmp_path)
+    client = SshClient("me@host:2222", SshOptions())
+    up = client.scp_upload_args(["-oProxyCommand=x.onnx", Path("a:b.npz")], "/tmp/dskd-bench.abc")
+    operands = up[up.index("--") + 1:]
+    assert operands == [str(tmp_path / "-oProxyCommand=x.onnx"), str(tmp_path / "a:b.npz"),
+                        "me@host:/tmp/dskd-bench.abc/"]
+    down = client.scp_download_args("/tmp/dskd-bench.abc/result.json", "out.json")
+    assert down[down.index("--") + 1:] == ["me@host:/tmp/dskd-bench.abc/result.json", str(tmp_path / "out.json")]
+    ssh = client.ssh_args("true")
+    assert ssh[-3:] == ["--", "me@host", "true"]
+    for bad in ("relative/dir", "/tmp/$(x)", "/tmp/a b", "/tmp/../etc", "/tmp/-o"):
+        with pytest.raises(UserError, match="remote path"):
+            client.scp_upload_args(["x"], bad)
+
+
+def _external_data_model(folder: Path, source: Path) -> Path:
+    """The tiny model with its weights in `w.bin` beside it (ONNX external data)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(source))
+    path = folder / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w.bin", size_threshold=0)
+    assert (folder / "w.bin").is_file()
+    return path
+
+
+def _set_location(path: Path, location: str) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(path))
+
+
+@pytest.mark.parametrize("fault", ["symlink", "outside", "fifo"])
+def test_external_data_is_checked_locally_before_any_upload(
+    fault: str, artifacts: dict[str, Path], tmp_path: Path
+):
+    """A link (scp would send what it points to, e.g. a private key), a path out of the model's
+    folder, or a FIFO: refused here. The device is unreachable: contacting it would be a DeviceError."""
+    path = _external_data_model(tmp_path / "model", artifacts["onnx"])
+    weights = path.parent / "w.bin"
+    if fault == "symlink":
+        secret = tmp_path / "secret"
+        weights.rename(secret)
+        weights.symlink_to(secret)
+        expect = "'w.bin' is a symbolic link"
+    elif fault == "outside":
+        weights.rename(tmp_path / "w.bin")
+        _set_location(path, "../w.bin")
+        expect = "'../w.bin' is not a file name beside the model"
+    else:
+        weights.unlink()
+        os.mkfifo(weights)
+        expect = "'w.bin' is not a regular file"
+    with pytest.raises(UserError) as err:
+        measure(path, "ssh-cpu", device=f"nobody@127.0.0.1:{free_port()}", protocol=FAST)
+    assert not isinstance(err.value, DeviceError)
+    msg = _one_line(err.value)
+    assert str(path) in msg and expect in msg, msg
+
+
+def test_external_data_beside_the_model_is_copied_and_measured(
+    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path
+):
+    path = _external_data_model(tmp_path / "model", artifacts["onnx"])
+    m = measure(path, "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device, ssh=sshd.options(),
+                remote_python=sys.executable, remote_tmp=str(remote_tmp), protocol=FAST)
+    assert m.accuracy["agreement"] == 1.0
+    assert list(remote_tmp.iterdir()) == []

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 RESULT_FORMAT = "dskd-measurement/1"
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 ERROR_PREFIX = "runner-error:"
 
 EXIT_OK = 0
@@ -41,6 +41,11 @@ EXIT_RUNTIME_FAILURE = 5
 
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+# "latency": batch-size latencies only (one request, one stream, bound tensors);
+# "throughput": also images/s at the largest batch size with several streams where the
+# runtime has them (OpenVINO), one bound request otherwise.
+HINTS = ("latency", "throughput")
+THREADS_ALL = 0  # --threads 0: all physical cores this process may run on
 # pip names for the modules a runtime needs, for the "install X" hint
 RUNTIME_MODULES = {
     "onnxruntime": ("onnxruntime",),
@@ -181,6 +186,8 @@ def time_calls(
             if slowdown > 0:
                 _spin_until(t1 + (t1 - t0) * slowdown)
                 t1 = clock()
+                if reported is not None:  # the same known slowdown for a runtime-timed call
+                    reported = float(reported) * (1.0 + slowdown)
             wall.append((t1 - t0) * 1e3)
             if reported is not None:
                 device.append(float(reported))
@@ -258,7 +265,11 @@ def measure_latency(
         attempts += 1
         if not timing.contended(protocol) or timing.disturbance() < best.disturbance():
             best = timing
-    entry: dict[str, Any] = {"batch_size": batch_size, **summarize(best.wall_ms)}
+    # A runtime that times its own calls (OpenVINO's InferRequest.latency, what benchmark_app
+    # reports) gives the headline numbers; the Python wall clock around the call is kept.
+    runtime_timed = backend.timer == "runtime" and len(best.device_ms) == len(best.wall_ms)
+    primary = best.device_ms if runtime_timed else best.wall_ms
+    entry: dict[str, Any] = {"batch_size": batch_size, **summarize(primary)}
     entry["seconds"] = round(sum(best.wall_ms) / 1e3, 6)
     entry["throughput_ips"] = (
         round(batch_size * 1e3 / entry["mean_ms"], 3) if entry["mean_ms"] else 0.0
@@ -270,11 +281,52 @@ def measure_latency(
     entry["preemptions"] = best.preemptions
     entry["attempts"] = attempts
     entry["contended"] = cpu_bound and best.contended(protocol)
-    entry["samples_ms"] = thin_samples(best.wall_ms)
-    if best.device_ms:
-        entry["gpu_compute"] = summarize(best.device_ms)
-    entry["latency_kind"] = "host" if best.device_ms else "wall"
+    entry["samples_ms"] = thin_samples(primary)
+    if runtime_timed:
+        entry["python_wall"] = summarize(best.wall_ms)
+        entry["latency_kind"] = "runtime"
+    else:
+        if best.device_ms:
+            entry["gpu_compute"] = summarize(best.device_ms)
+        entry["latency_kind"] = "host" if best.device_ms else "wall"
+    entry.update(backend.run_config())
     return entry
+
+
+def measure_throughput(
+    backend: Backend, images: Any, batch_size: int, streams: int, protocol: Protocol
+) -> dict[str, Any]:
+    """Images/s at `batch_size` with `streams` parallel streams (0 = the runtime's choice).
+
+    Runs for the protocol's warm-up, then at least min_seconds (bounded by max_seconds),
+    counting finished batches; what a server-style deployment gets, not a latency.
+    """
+    batch = make_batch(images, batch_size)
+    done, seconds, info = backend.throughput(batch, streams, protocol)
+    return {
+        "batch_size": batch_size,
+        "images_per_s": round(done * batch_size / seconds, 3) if seconds > 0 else 0.0,
+        "batches": done,
+        "seconds": round(seconds, 4),
+        **info,
+    }
+
+
+def _run_for(step: Callable[[], Any], protocol: Protocol) -> tuple[int, float]:
+    """Warm up, then call `step` until min_seconds (and >= 1 call) or max_seconds passed."""
+    clock = time.perf_counter
+    start = clock()
+    step()
+    while clock() - start < protocol.warmup_seconds:
+        step()
+    calls, begin = 0, clock()
+    limit = max(protocol.min_seconds, 1e-3)
+    while True:
+        step()
+        calls += 1
+        elapsed = clock() - begin
+        if elapsed >= limit or elapsed >= protocol.max_seconds:
+            return calls, elapsed
 
 
 # --------------------------------------------------------------------------- inputs
@@ -378,29 +430,56 @@ def make_batch(images: Any, batch_size: int) -> Any:
 
 
 class Backend:
-    """One loaded artifact. Subclasses fill name/version and implement infer()."""
+    """One loaded artifact, timed the way a deployment runs it: inputs bound once.
+
+    `prepare(batch)` binds a batch (input and output buffers) before timing, so that
+    `timed_step` is inference only, not Python's per-call conversion of arguments;
+    `infer(batch)` returns logits for accuracy and is never timed.
+    """
 
     name = ""
     version = ""
     max_batch: int | None = None  # engines with a fixed optimisation profile
     input_chw: tuple[int, ...] | None = None  # C, H, W when the artifact fixes them
+    threads = 1
+    hint = "latency"
+    binding = "none"  # how inputs/outputs are bound for timing, recorded with every number
+    # "wall": the host clock around timed_step; "runtime": the ms timed_step returns is the
+    # runtime's own measurement of the whole inference call (headline numbers use it)
+    timer = "wall"
 
     def infer(self, batch: Any) -> Any:
         raise NotImplementedError
 
     def prepare(self, batch: Any) -> None:
-        """Bind a batch shape before timing (TensorRT allocates buffers here)."""
+        """Bind a batch (and its output buffer) before timing."""
 
     def timed_step(self, batch: Any) -> float | None:
         self.infer(batch)
         return None
+
+    def throughput(self, batch: Any, streams: int, protocol: Protocol) -> tuple[int, float, dict]:
+        """(batches done, seconds, config): one bound request back to back, one stream."""
+        self.prepare(batch)
+        done, seconds = _run_for(lambda: self.timed_step(batch), protocol)
+        return done, seconds, {"streams": 1, "requests": 1, "hint": "latency", "threads": self.threads}
+
+    def run_config(self) -> dict[str, Any]:
+        """Threads/streams/hint/binding of the latency numbers (one request, one stream)."""
+        return {"threads": self.threads, "streams": 1, "hint": "latency", "binding": self.binding}
 
     def describe(self) -> dict[str, Any]:
         return {}
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime CPU: fixed intra-op threads, sequential execution, full graph opts."""
+    """ONNX Runtime CPU: fixed intra-op threads, sequential execution, full graph opts.
+
+    Timing uses IOBinding (input and output bound to pre-allocated numpy buffers once), so
+    a call is `run_with_iobinding` only, as a C++ deployment would run it.
+    """
+
+    binding = "iobinding"
 
     def __init__(self, artifact: str, threads: int):
         import onnxruntime as ort
@@ -420,36 +499,62 @@ class OrtBackend(Backend):
                 EXIT_RUNTIME_FAILURE,
             ) from exc
         self.name, self.version = "onnxruntime", ort.__version__
+        self.threads = threads
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
         self.input_chw = _static_chw(inp.shape)
+        self._bound: tuple[Any, Any, Any] | None = None  # (binding, input, output) kept alive
 
     def infer(self, batch: Any) -> Any:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def prepare(self, batch: Any) -> None:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        probe = self.infer(x)  # the output's shape and dtype for this batch
+        out = np.empty(probe.shape, dtype=probe.dtype)
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.input_name, x)
+        io.bind_output(self.output_name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        self._bound = (io, x, out)
+
+    def timed_step(self, batch: Any) -> float | None:
+        if self._bound is None:
+            self.prepare(batch)
+        self.session.run_with_iobinding(self._bound[0])
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"providers": self.session.get_providers()}
 
 
 class OpenVinoBackend(Backend):
-    """OpenVINO CPU with a fixed thread count; FP32 means true f32 (no bf16/f16 downcast)."""
+    """OpenVINO CPU with a fixed thread count; FP32 means true f32 (no bf16/f16 downcast).
+
+    Latency: one InferRequest compiled with the LATENCY hint and one stream, the input
+    tensor set once (`set_input_tensor`, sharing the numpy buffer) and `infer()` timed, as
+    `benchmark_app -hint latency -api sync` does; the latency is OpenVINO's own timing of the
+    call (`InferRequest.latency`, benchmark_app's number), the Python wall clock around it is
+    kept as `python_wall`. Throughput: a second compilation with the
+    THROUGHPUT hint driven by an AsyncInferQueue.
+    """
+
+    binding = "set_input_tensor"
+    timer = "runtime"  # InferRequest.latency: the C++ time of infer(), benchmark_app's number
 
     def __init__(self, artifact: str, threads: int, precision: str):
         import openvino as ov
 
-        core = ov.Core()
-        self.config = {
-            "INFERENCE_NUM_THREADS": threads,
-            # f32 for fp32 and for the non-quantized parts of int8 models: some CPUs
-            # would otherwise silently run bf16 and change both speed and accuracy.
-            "INFERENCE_PRECISION_HINT": "f16" if precision == "fp16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-        }
+        self.ov = ov
+        self.core = ov.Core()
+        self.threads = threads
+        # f32 for fp32 and for the non-quantized parts of int8 models: some CPUs
+        # would otherwise silently run bf16 and change both speed and accuracy.
+        self.precision_hint = "f16" if precision == "fp16" else "f32"
+        self.config = self._config("LATENCY", 1)
         try:
-            model = core.read_model(artifact)
-            self.compiled = core.compile_model(model, "CPU", self.config)
+            self.model = self.core.read_model(artifact)
+            self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         except Exception as exc:
             raise RunnerError(
                 "runtime",
@@ -457,38 +562,124 @@ class OpenVinoBackend(Backend):
                 EXIT_RUNTIME_FAILURE,
             ) from exc
         self.name, self.version = "openvino", ov.get_version()
-        self.request = self.compiled.create_infer_request()
-        self.device_name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
-        shape = model.inputs[0].get_partial_shape()
+        self.request = self.compiled.create_infer_request()  # timed, inputs bound
+        self.eval_request = self.compiled.create_infer_request()  # accuracy, never timed
+        self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
+        shape = self.model.inputs[0].get_partial_shape()
         dims = [d.get_length() if d.is_static else None for d in shape]
         self.input_chw = _static_chw(dims)
+        self.artifact = artifact
+        self.dynamic_input = any(d is None for d in dims)
+        self._bound: Any = None
+
+    def _config(self, hint: str, streams: int) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": self.precision_hint,
+            "PERFORMANCE_HINT": hint,
+        }
+        if streams > 0:
+            config["NUM_STREAMS"] = streams
+        return config
 
     def infer(self, batch: Any) -> Any:
-        self.request.infer({0: batch})
-        return self.request.get_output_tensor(0).data.copy()
+        self.eval_request.infer({0: batch})
+        return self.eval_request.get_output_tensor(0).data.copy()
+
+    def _compile_static(self, shape: tuple[int, ...], config: dict[str, Any]) -> Any:
+        """The model compiled for exactly `shape`, as a fixed-batch deployment (and
+        benchmark_app -shape) runs it: a dynamic batch costs shape inference per call."""
+        if not self.dynamic_input:
+            return self.compiled if config is self.config else self.core.compile_model(self.model, "CPU", config)
+        model = self.core.read_model(self.artifact)  # a fresh copy: reshape() changes it in place
+        model.reshape({model.inputs[0]: self.ov.PartialShape([int(d) for d in shape])})
+        return self.core.compile_model(model, "CPU", config)
+
+    def prepare(self, batch: Any) -> None:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self._bound is None or self._bound.shape != x.shape:
+            self.request = self._compile_static(x.shape, self.config).create_infer_request()
+        self._bound = x
+        self.request.set_input_tensor(self.ov.Tensor(self._bound, shared_memory=True))
 
     def timed_step(self, batch: Any) -> float | None:
-        self.request.infer({0: batch})
-        return None
+        if self._bound is None:
+            self.prepare(batch)
+        self.request.infer(share_outputs=True)
+        return float(self.request.latency)
+
+    def run_config(self) -> dict[str, Any]:
+        # a dynamic-batch model is reshaped to each timed batch size (static shapes)
+        return dict(super().run_config(), reshaped_to_batch=self.dynamic_input)
+
+    def throughput(self, batch: Any, streams: int, protocol: Protocol) -> tuple[int, float, dict]:
+        """AsyncInferQueue over a THROUGHPUT-hint compilation, every request's input bound once."""
+        ov = self.ov
+        config = self._config("THROUGHPUT", streams)
+        compiled = self._compile_static(batch.shape, config)
+        jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        queue = ov.AsyncInferQueue(compiled, jobs)
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        for request in queue:
+            request.set_input_tensor(ov.Tensor(x, shared_memory=True))
+        done = [0]
+
+        def finished(request: Any, userdata: Any) -> None:
+            done[0] += 1
+
+        queue.set_callback(finished)
+        clock = time.perf_counter
+        start = clock()
+        while clock() - start < max(protocol.warmup_seconds, 1e-3):
+            queue.start_async()
+        queue.wait_all()
+        done[0], begin = 0, clock()
+        limit = min(max(protocol.min_seconds, 1e-3), protocol.max_seconds)
+        while clock() - begin < limit:
+            queue.start_async()
+        queue.wait_all()
+        seconds = clock() - begin
+        used = _property_str(compiled, "NUM_STREAMS", streams)
+        info = {
+            "streams": int(used) if used.isdigit() else used,
+            "requests": jobs,
+            "hint": "throughput",
+            "threads": self.threads,
+            "binding": "set_input_tensor+AsyncInferQueue",
+        }
+        del queue, compiled
+        return done[0], seconds, info
 
     def describe(self) -> dict[str, Any]:
-        props = {}
-        for key in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS"):
-            try:
-                value = self.compiled.get_property(key)
-            except Exception:  # property names differ between releases
-                value = self.config.get(key)
-            to_string = getattr(value, "to_string", None)  # ov.Type -> 'f32'
-            props[key] = to_string() if callable(to_string) else str(value)
+        props = {
+            key: _property_str(self.compiled, key, self.config.get(key))
+            for key in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")
+        }
         return {"device": self.device_name, "compiled": props}
+
+
+def _property_str(compiled: Any, key: str, fallback: Any) -> str:
+    """A compiled model's property as text ('f32', '1', 'LATENCY'); `fallback` if unknown."""
+    try:
+        value = compiled.get_property(key)
+    except Exception:  # property names differ between releases
+        value = fallback
+    to_string = getattr(value, "to_string", None)  # ov.Type -> 'f32'
+    text = to_string() if callable(to_string) else str(value)
+    return text.split(".")[-1]  # PerformanceMode.LATENCY -> LATENCY
 
 
 class TensorRtBackend(Backend):
     """TensorRT engine via the Python API (TRT >= 8.5 name-based I/O) with pycuda buffers.
 
     Host latency = H2D copy + execute + D2H copy timed on the host; GPU compute time =
-    CUDA events around execute only, the same split trtexec reports.
+    CUDA events around execute only, the same split trtexec reports. Buffers (pinned host
+    and device) are allocated once per batch shape in prepare(); a timed call copies the
+    batch into pinned memory, H2D, executes, D2H, as a deployment's loop does.
     """
+
+    binding = "device-buffers+cuda-events"
+    threads = None  # a GPU engine has no CPU thread setting
 
     def __init__(self, artifact: str):
         import pycuda.driver as cuda
@@ -619,6 +810,29 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        package, core = _read(base + "physical_package_id"), _read(base + "core_id")
+        if package is None or core is None:
+            cores.add(("cpu", cpu))  # no topology information: count the CPU itself
+        else:
+            cores.add((package.strip(), core.strip()))
+    return max(1, len(cores))
+
+
+def resolve_threads(threads: int) -> tuple[int, str]:
+    """(threads to use, policy): 0 means all physical cores available to this process."""
+    if threads == THREADS_ALL:
+        return physical_cores(), "all physical cores"
+    return threads, "explicit"
+
+
 def load_backend(runtime: str, artifact: str, precision: str, threads: int) -> Backend:
     """Open the artifact with the runtime (modules must already be importable)."""
     if runtime == "onnxruntime":
@@ -630,6 +844,224 @@ def load_backend(runtime: str, artifact: str, precision: str, threads: int) -> B
     raise RunnerError(
         "usage", f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}", EXIT_USAGE
     )
+
+
+# --------------------------------------------------------------------------- pre-processing
+#
+# What a deployment does before inference for one camera/file image: decode, resize to
+# the model's H x W, normalize to float32 N x C x H x W. Timed separately from inference
+# (its own record, `preprocess`), so "end-to-end per image" = preprocess + inference.
+# Pillow decodes when the device has it (what most deployments use); without it a small
+# stdlib PNG decoder keeps the runner dependency-free.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (8-bit only)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def encode_png(image: Any) -> bytes:
+    """H x W (grey) or H x W x 3 uint8 -> PNG bytes (filter 0), standard library only."""
+    import struct
+    import zlib
+
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    h, w = img.shape[:2]
+    colour = 0 if img.ndim == 2 else 2
+    rows = img.reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
+    return (
+        PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 6))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _unfilter_row(kind: int, row: Any, prev: Any, bpp: int) -> Any:
+    """Undo one PNG row filter (RFC 2083 6.3); rows are uint8 arrays of equal length."""
+    if kind == 0:
+        return row
+    if kind == 2:
+        return (row.astype(np.uint16) + prev).astype(np.uint8)
+    if kind == 1:  # Sub: a running sum per byte position modulo 256
+        out = row.astype(np.int64).reshape(-1, bpp).cumsum(axis=0) % 256
+        return out.reshape(-1).astype(np.uint8)
+    out = bytearray(row.tobytes())
+    up = prev.tobytes()
+    for i in range(len(out)):
+        a = out[i - bpp] if i >= bpp else 0
+        b = up[i]
+        if kind == 3:
+            out[i] = (out[i] + ((a + b) >> 1)) & 0xFF
+        elif kind == 4:
+            c = up[i - bpp] if i >= bpp else 0
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            out[i] = (out[i] + pred) & 0xFF
+        else:
+            raise ValueError(f"unknown PNG filter type {kind}")
+    return np.frombuffer(bytes(out), np.uint8)
+
+
+def decode_png(data: bytes) -> Any:
+    """PNG bytes -> H x W x C uint8 (8-bit, non-interlaced grey/RGB[A]); alpha dropped."""
+    import struct
+    import zlib
+
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    pos, idat, header = len(PNG_SIGNATURE), [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        payload = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", payload)
+        elif kind == b"IDAT":
+            idat.append(payload)
+        elif kind == b"IEND":
+            break
+    if header is None or not idat:
+        raise ValueError("PNG without IHDR/IDAT")
+    w, h, depth, colour, _, _, interlace = header
+    if depth != 8 or colour not in _PNG_CHANNELS or interlace:
+        raise ValueError(
+            f"PNG with bit depth {depth}, colour type {colour}, interlace {interlace}: "
+            "only 8-bit non-interlaced grey/RGB(A) without Pillow (install pillow)"
+        )
+    bpp = _PNG_CHANNELS[colour]
+    stride = w * bpp
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+    if raw.size != h * (stride + 1):
+        raise ValueError("PNG data is truncated")
+    raw = raw.reshape(h, stride + 1)
+    out = np.empty((h, stride), np.uint8)
+    prev = np.zeros(stride, np.uint8)
+    for y in range(h):
+        prev = out[y] = _unfilter_row(int(raw[y, 0]), raw[y, 1:], prev, bpp)
+    img = out.reshape(h, w, bpp)
+    return img[:, :, :3] if bpp == 4 else img[:, :, :1] if bpp == 2 else img
+
+
+def resize_bilinear(image: Any, height: int, width: int) -> Any:
+    """H x W x C -> height x width x C float32, bilinear with half-pixel centres (no antialias)."""
+    src_h, src_w = image.shape[:2]
+    img = image.astype(np.float32)
+    if (src_h, src_w) == (height, width):
+        return img
+
+    def axis(n_out: int, n_in: int) -> tuple[Any, Any, Any]:
+        pos = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+        pos = np.clip(pos, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, fy = axis(height, src_h)
+    x0, x1, fx = axis(width, src_w)
+    top = img[y0][:, x0] * (1 - fx)[None, :, None] + img[y0][:, x1] * fx[None, :, None]
+    bottom = img[y1][:, x0] * (1 - fx)[None, :, None] + img[y1][:, x1] * fx[None, :, None]
+    return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+class Preprocessor:
+    """Encoded image bytes -> normalized 1 x C x H x W float32 (decode, resize, normalize)."""
+
+    def __init__(self, chw: tuple[int, ...], mean: Any, std: Any):
+        self.c, self.h, self.w = (int(v) for v in chw)
+        self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+        try:
+            from PIL import Image
+
+            self.pil: Any = Image
+            self.decoder = f"Pillow {getattr(__import__('PIL'), '__version__', '')}".strip()
+        except ImportError:
+            self.pil, self.decoder = None, "builtin-png (stdlib zlib + numpy)"
+
+    def decode_resize(self, data: bytes) -> Any:
+        """H x W x C uint8/float32 pixels at the model's size (0..255 scale)."""
+        if self.pil is not None:
+            import io
+
+            img = self.pil.open(io.BytesIO(data)).convert("L" if self.c == 1 else "RGB")
+            img = img.resize((self.w, self.h), self.pil.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32)
+            return arr[:, :, None] if arr.ndim == 2 else arr
+        arr = decode_png(data)
+        if self.c == 1 and arr.shape[2] == 3:  # ITU-R 601-2 luma, as Pillow's convert("L")
+            arr = (arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None]
+        elif self.c == 3 and arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return resize_bilinear(arr, self.h, self.w)
+
+    def __call__(self, data: bytes) -> Any:
+        pixels = self.decode_resize(data)
+        x = pixels.transpose(2, 0, 1)[None] * np.float32(1.0 / 255.0)
+        return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a PNG or JPEG header, without decoding the pixels."""
+    import struct
+
+    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(h), int(w)
+    pos = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:
+            break
+        marker, length = data[pos + 1], struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            h, w = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(h), int(w)
+        pos += 2 + length
+    raise ValueError("not a PNG or JPEG image")
+
+
+def measure_preprocess(
+    data: bytes, source: str, chw: tuple[int, ...], mean: Any, std: Any, protocol: Protocol
+) -> dict[str, Any]:
+    """Time decode + resize + normalize of one encoded image (a shorter run than inference)."""
+    prep = Preprocessor(chw, mean, std)
+    try:
+        src_hw = image_size(data)
+        prep(data)  # fails here, not inside the timing loop, on an unreadable image
+    except Exception as exc:
+        raise RunnerError(
+            "bad-input", f"cannot decode image {source}: {_one_line(exc)}", EXIT_BAD_INPUT
+        ) from exc
+    short = Protocol(
+        warmup_seconds=min(protocol.warmup_seconds, 0.2),
+        min_iters=min(protocol.min_iters, 50),
+        min_seconds=min(protocol.min_seconds, 1.0),
+        max_seconds=min(protocol.max_seconds, 30.0),
+    )
+    def step() -> None:  # time_calls reads a returned value as a device time
+        prep(data)
+
+    stats = summarize(time_calls(step, short).wall_ms)
+    return {
+        "steps": "decode+resize+normalize",
+        "source": source,
+        "bytes": len(data),
+        "source_hw": list(src_hw),
+        "output_chw": [prep.c, prep.h, prep.w],
+        "decoder": prep.decoder,
+        **{k: stats[k] for k in ("iterations", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "cov")},
+    }
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -739,6 +1171,7 @@ def environment(backend: Backend, threads: int) -> dict[str, Any]:
         "numpy": np.__version__,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "physical_cores": physical_cores(),
         "threads": threads,
         "runtime": backend.name,
         "runtime_version": backend.version,
@@ -841,6 +1274,9 @@ class RunConfig:
     slowdown: float = 0.0
     timeout: float = 600.0
     cpu_affinity: tuple[int, ...] | None = None
+    hint: str = "latency"
+    streams: int = 0  # throughput mode's streams; 0 = the runtime's choice for the hint
+    image_path: str | None = None  # an encoded image for the pre-processing timing
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -855,8 +1291,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         pin_cpus(cfg.cpu_affinity)
     if not os.path.isfile(cfg.artifact):
         raise RunnerError("bad-input", f"artifact {cfg.artifact} does not exist", EXIT_BAD_INPUT)
+    if cfg.hint not in HINTS:
+        raise RunnerError("usage", f"--hint {cfg.hint!r}: choose {', '.join(HINTS)}", EXIT_USAGE)
+    if cfg.streams < 0:
+        raise RunnerError("usage", "--streams must be >= 0 (0: the runtime's choice)", EXIT_USAGE)
     ev = load_eval(cfg.eval_path) if cfg.eval_path else None
-    backend = load_backend(cfg.runtime, cfg.artifact, cfg.precision, cfg.threads)
+    image = _read_image(cfg.image_path) if cfg.image_path else None
+    threads, threads_policy = resolve_threads(cfg.threads)
+    backend = load_backend(cfg.runtime, cfg.artifact, cfg.precision, threads)
     try:
         images = _latency_images(backend, ev, cfg.input_shape)
         warnings: list[str] = []
@@ -892,8 +1334,27 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     f"batch {bs}: stopped at max {cfg.protocol.max_seconds:g} s before min-iters"
                 )
             latency.append(entry)
+        throughput = None
+        if cfg.hint == "throughput":
+            if cfg.streams > 1 and cfg.runtime != "openvino":
+                warnings.append(
+                    f"--streams {cfg.streams}: {cfg.runtime} has no parallel streams here; "
+                    "throughput measured with one bound request"
+                )
+            throughput = measure_throughput(
+                backend, images, max(cfg.batch_sizes), cfg.streams, cfg.protocol
+            )
+        preprocess = _preprocess(image, cfg.image_path, ev, images.shape[1:], cfg.protocol)
+        if preprocess is not None:
+            for entry in latency:
+                per_image = entry["p50_ms"] / entry["batch_size"]
+                entry["end_to_end_per_image_ms"] = round(preprocess["p50_ms"] + per_image, 6)
         accuracy = evaluate(backend, ev, cfg.eval_batch_size) if ev is not None else None
-        env = environment(backend, cfg.threads)
+        env = environment(backend, threads)
+        runtime_config = dict(backend.run_config(), threads_policy=threads_policy)
+        if backend.threads is None:
+            runtime_config["threads_policy"] = "not applicable (GPU)"
+        runtime_config.update(mode_hint=cfg.hint, throughput_streams=cfg.streams)
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
@@ -907,9 +1368,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "precision": cfg.precision,
         "artifact": os.path.basename(cfg.artifact),
         "artifact_sha256": file_sha256(cfg.artifact),
-        "threads": cfg.threads,
+        "threads": threads,
+        "runtime_config": runtime_config,
         "protocol": asdict(cfg.protocol),
         "latency": latency,
+        "throughput": throughput,
+        "preprocess": preprocess,
         "accuracy": accuracy,
         "environment": env,
         "warnings": warnings,
@@ -928,6 +1392,36 @@ def pin_cpus(cpus: tuple[int, ...]) -> None:
             f"--cpu-affinity {','.join(map(str, cpus))}: {exc}; this machine has CPUs 0..{(os.cpu_count() or 1) - 1}",
             EXIT_USAGE,
         ) from exc
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise RunnerError("bad-input", f"cannot read image {path}: {exc}", EXIT_BAD_INPUT) from exc
+
+
+def _preprocess(
+    image: bytes | None,
+    image_path: str | None,
+    ev: EvalSet | None,
+    chw: tuple[int, ...],
+    protocol: Protocol,
+) -> dict[str, Any] | None:
+    """Pre-processing timing of the given image, else of eval image 0 as a PNG; None without either."""
+    if image is None and ev is None:
+        return None
+    if ev is not None:
+        mean, std = ev.mean, ev.std
+    else:  # an image without an eval set: ImageNet-style constants do not change the timing
+        mean, std = np.full(chw[0], 0.5, np.float32), np.full(chw[0], 0.25, np.float32)
+    if image is None:
+        image = encode_png(ev.x[0].transpose(1, 2, 0))
+        source = "eval-set image 0 as PNG"
+    else:
+        source = os.path.basename(str(image_path))
+    return measure_preprocess(image, source, tuple(chw), mean, std, protocol)
 
 
 def _latency_images(
@@ -977,7 +1471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval", dest="eval_path", default=None, help=".npz with x, y, mean, std[, ref_pred]"
     )
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="runtime threads; 0 = all physical cores")
+    p.add_argument("--hint", default="latency", choices=HINTS,
+                   help="throughput: also images/s at the largest batch size with --streams")
+    p.add_argument("--streams", type=int, default=0, help="throughput mode's streams (0: runtime's choice)")
+    p.add_argument("--image", dest="image_path", default=None,
+                   help="an encoded image (JPEG/PNG) whose decode+resize+normalize is timed")
     p.add_argument("--batch-sizes", type=_int_list, default=(1,))
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument(
@@ -1039,10 +1538,15 @@ def main(argv: list[str] | None = None) -> int:
         slowdown=args.debug_slowdown,
         timeout=args.timeout,
         cpu_affinity=args.cpu_affinity,
+        hint=args.hint,
+        streams=args.streams,
+        image_path=args.image_path,
     )
     try:
-        if cfg.threads < 1 or cfg.eval_batch_size < 1:
-            raise RunnerError("usage", "--threads and --eval-batch-size must be >= 1", EXIT_USAGE)
+        if cfg.threads < 0 or cfg.eval_batch_size < 1:
+            raise RunnerError(
+                "usage", "--threads must be >= 0 (0: all physical cores), --eval-batch-size >= 1", EXIT_USAGE
+            )
         result = run(cfg)
         write_json_atomic(args.out, result)
     except RunnerError as exc:

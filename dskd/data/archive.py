@@ -4,6 +4,11 @@ A dataset archive comes from somewhere else, so every member is checked before u
 with `..`, absolute names, links of any kind and device/special files are refused with a
 one-line UserError naming the member. `iter_members` streams the archive (no extraction);
 `safe_extract` writes it to a folder with the same checks, atomically.
+
+Sizes are capped (`ByteCaps`): each member's header size is checked before it is read, and
+the bytes actually delivered are counted while streaming, because a header can lie (a zip
+central directory, a truncated tar). A 2 MB archive holding a 2 GiB member of zeros is
+refused at its header, before any of it is decompressed into memory.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from dskd.data.limits import ByteCaps
 from dskd.errors import UserError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -77,7 +83,53 @@ class _ProgressReader:
         return data
 
 
-def _iter_tar(archive: Path, on_read: Callable[[int], None] | None
+class _Budget:
+    """Counts member bytes against `ByteCaps`: header sizes first, then what is streamed."""
+
+    def __init__(self, archive: Path, caps: ByteCaps | None) -> None:
+        self.archive, self.caps = archive, caps or ByteCaps()
+        self.declared = 0  # sum of header sizes so far
+        self.streamed = 0  # bytes actually handed out
+
+    def check_header(self, name: str, size: int) -> None:
+        where = f"{self.archive}:{name}"
+        if self.caps.per_file is not None and size > self.caps.per_file:
+            raise self.caps.file_error(where, size)
+        self.declared += max(size, 0)
+        if self.caps.total is not None and self.declared > self.caps.total:
+            raise self.caps.total_error(where, self.declared)
+
+    def wrap(self, name: str, fh: IO[bytes]) -> _CappedReader:
+        return _CappedReader(fh, self, f"{self.archive}:{name}")
+
+
+class _CappedReader:
+    """A member's file object that stops with a UserError once it delivers more than allowed."""
+
+    def __init__(self, fh: IO[bytes], budget: _Budget, where: str) -> None:
+        self._fh, self._budget, self._where, self._read = fh, budget, where, 0
+
+    def read(self, n: int = -1) -> bytes:
+        caps = self._budget.caps
+        if n is None or n < 0:  # never an unbounded read: at most one byte past the cap
+            n = (caps.per_file + 1) if caps.per_file is not None else -1
+        data = self._fh.read(n)
+        self._read += len(data)
+        self._budget.streamed += len(data)
+        if caps.per_file is not None and self._read > caps.per_file:
+            raise caps.file_error(self._where, self._read, streamed=True)
+        if caps.total is not None and self._budget.streamed > caps.total:
+            raise caps.total_error(self._where, self._budget.streamed)
+        return data
+
+    def readall(self) -> bytes:
+        chunks = []
+        while block := self.read(1 << 20):
+            chunks.append(block)
+        return b"".join(chunks)
+
+
+def _iter_tar(archive: Path, on_read: Callable[[int], None] | None, budget: _Budget
               ) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
     with open(archive, "rb") as raw, tarfile.open(
         fileobj=_ProgressReader(raw, on_read), mode="r|*"  # type: ignore[arg-type]
@@ -97,10 +149,11 @@ def _iter_tar(archive: Path, on_read: Callable[[int], None] | None
             if member.isdir():
                 yield name, True, None
             else:
-                yield name, False, tf.extractfile(member)
+                budget.check_header(name, member.size)
+                yield name, False, budget.wrap(name, tf.extractfile(member))  # type: ignore[arg-type,misc]
 
 
-def _iter_zip(archive: Path, on_read: Callable[[int], None] | None
+def _iter_zip(archive: Path, on_read: Callable[[int], None] | None, budget: _Budget
               ) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
@@ -116,19 +169,21 @@ def _iter_zip(archive: Path, on_read: Callable[[int], None] | None
             if info.is_dir():
                 yield name, True, None
             else:
+                budget.check_header(name, info.file_size)
                 with zf.open(info) as fh:
-                    yield name, False, fh
+                    yield name, False, budget.wrap(name, fh)  # type: ignore[misc]
             if on_read is not None:
                 on_read(info.compress_size)
 
 
-def iter_members(archive: str | os.PathLike, on_read: Callable[[int], None] | None = None
-                 ) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
+def iter_members(archive: str | os.PathLike, on_read: Callable[[int], None] | None = None,
+                 *, caps: ByteCaps | None = None) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
     """Yield `(relative_name, is_dir, fileobj)` for each member, checked for safety first.
 
     `fileobj` (None for folders) is only valid until the next item. `on_read(nbytes)` is
     called as the compressed file is consumed (for progress bars). Unreadable archives
-    raise a UserError naming the file.
+    raise a UserError naming the file. `caps` bounds each member's size and the total
+    (header sizes before reading, delivered bytes while reading); None: no caps.
     """
     path = Path(archive)
     kind = archive_kind(path)
@@ -136,7 +191,7 @@ def iter_members(archive: str | os.PathLike, on_read: Callable[[int], None] | No
         raise UserError(f"{path}: not a supported archive; use .tar, .tar.gz, .tgz or .zip")
     reader = _iter_tar if kind == "tar" else _iter_zip
     with archive_errors(path):
-        yield from reader(path, on_read)
+        yield from reader(path, on_read, _Budget(path, caps))
 
 
 @contextlib.contextmanager
@@ -151,26 +206,33 @@ def archive_errors(path: Path) -> Iterator[None]:
 
 
 def read_archive(archive: str | os.PathLike, want: Callable[[str], bool],
-                 on_read: Callable[[int], None] | None = None
+                 on_read: Callable[[int], None] | None = None, *, caps: ByteCaps | None = None
                  ) -> tuple[dict[str, bytes], list[str], list[str]]:
-    """-> (bytes of the files for which `want(name)` is true, all file names, all folder names)."""
+    """-> (bytes of the files for which `want(name)` is true, all file names, all folder names).
+
+    Every member counts against `caps`, wanted or not: skipping a member still means
+    decompressing it, so an oversized README costs as much time as an oversized image.
+    """
     path = Path(archive)
     data: dict[str, bytes] = {}
     files: list[str] = []
     dirs: list[str] = []
     with archive_errors(path):
-        for name, is_dir, fh in iter_members(path, on_read):
+        for name, is_dir, fh in iter_members(path, on_read, caps=caps):
             (dirs if is_dir else files).append(name)
             if not is_dir and want(name):
-                data[name] = fh.read()  # type: ignore[union-attr]
+                data[name] = fh.readall()  # type: ignore[union-attr]
     return data, files, dirs
 
 
-def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *,
+                 caps: ByteCaps | None = None) -> Path:
     """Extract `archive` into the folder `dest` (absent or empty), checking every member.
 
     Extraction goes to a temp folder beside `dest` that is renamed into place only when
     complete, so a refused member or an interrupted run leaves no partial `dest`.
+    `caps` (optional) bounds each member and the total written, e.g.
+    `ByteCaps(256 << 20, 2 << 30, "bundle member", "bundle total")`.
     """
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -180,7 +242,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     root = tmp.resolve()
     try:
         with archive_errors(Path(archive)):
-            for name, is_dir, fh in iter_members(archive):
+            for name, is_dir, fh in iter_members(archive, caps=caps):
                 target = (tmp / name).resolve()
                 if root not in target.parents:  # belt and braces: names were checked already
                     raise _refuse(Path(archive), name, "resolves outside the destination")

@@ -21,6 +21,7 @@ class DataBundle:
     fingerprint: str  # sha256 of the source + conversion settings (the cache key)
     source: str  # "digits" or the absolute path of the folder/archive
     skipped: int = 0  # unreadable images dropped because skip_bad=True
+    ignored: int = 0  # files in the splits that are not images (no/unknown extension)
     from_cache: bool = False
     cache_path: str | None = None
 

@@ -42,11 +42,19 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def files_digest(root: Path, relpaths: Iterable[str]) -> str:
-    """Hash of relative paths + sizes + mtimes: notices edits without reading every image."""
+    """Hash of relative paths + size, mtime, ctime and inode: notices edits without reading images.
+
+    mtime alone misses an image edited in place with its mtime put back (`touch -d`, tools
+    that preserve times); the kernel sets ctime on every content or time change and no
+    ordinary tool can set it back, and a file replaced by another has a new inode. The
+    cost: chmod/chown or restoring a backup also re-decode once. Way out for anything else
+    (a file system without ctime): another `cache_dir` (recipe data.cache_dir) or delete the
+    cache folder (~/.cache/dskd/data/<fingerprint>).
+    """
     h = hashlib.sha256()
     for rel in relpaths:
         st = os.stat(root / rel)
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import codecs
 import importlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dskd.data.limits import ByteCaps
 from dskd.errors import UserError
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -101,6 +103,23 @@ def cifar_files(folder: Path, kind: str) -> list[str]:
             f"(also missing: {', '.join(missing[1:]) or 'nothing else'}); re-extract the CIFAR python archive"
         )
     return needed
+
+
+def check_files(folder: Path, names: list[str], caps: ByteCaps) -> None:
+    """Batch files must really lie in `folder` (a link may not point out) and fit the total cap.
+
+    The per-file cap is for image files; a CIFAR-100 `train` batch alone is 155 MB.
+    """
+    top, total = os.path.realpath(folder), 0
+    for name in names:
+        path = folder / name
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != top and not real.startswith(top + os.sep):
+            raise UserError(f"{path}: symbolic link to {real}, outside the dataset folder {top}; "
+                            f"copy the file into the dataset folder")
+        total += path.stat().st_size
+        if caps.total is not None and total > caps.total:
+            raise caps.total_error(str(path), total)
 
 
 def _names(meta: dict[str, Any], key: str, path: Path) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dskd.errors import UserError
 
@@ -35,6 +35,7 @@ class Layout:
     files: dict[str, list[str]]  # split -> relative paths, grouped by label
     labels: dict[str, list[int]]  # split -> label of each path
     dirs: dict[str, str]  # split -> relative folder ("train", "data/val", ...)
+    ignored: list[str] = field(default_factory=list)  # files in the splits that are not images
 
 
 def _parents(path: str) -> Iterable[str]:
@@ -74,6 +75,7 @@ def plan_layout(files: Iterable[str], dirs: Iterable[str], where: Callable[[str]
     split_dirs = {"train": f"{root}train", "test": f"{root}{test_name}"}
 
     by_class: dict[str, dict[str, list[str]]] = {}
+    ignored: list[str] = []
     for split, folder in split_dirs.items():
         prefix = folder + "/"
         classes: dict[str, list[str]] = {
@@ -84,10 +86,13 @@ def plan_layout(files: Iterable[str], dirs: Iterable[str], where: Callable[[str]
                 f"{where(prefix)}: empty split, no class folders; put images in {prefix}<class>/<image>"
             )
         for f in files:
-            if f.startswith(prefix) and is_image_name(f):
-                cls, sep, _ = f[len(prefix):].partition("/")
-                if sep:
-                    classes[cls].append(f)
+            if not f.startswith(prefix):
+                continue
+            cls, sep, _ = f[len(prefix):].partition("/")
+            if sep and is_image_name(f):
+                classes[cls].append(f)
+            else:  # no/unknown extension, or not inside a class folder: said, not silently dropped
+                ignored.append(f)
         for cls in sorted(classes):
             if not classes[cls]:
                 raise UserError(
@@ -107,7 +112,7 @@ def plan_layout(files: Iterable[str], dirs: Iterable[str], where: Callable[[str]
         )
 
     class_names = sorted(train_set)
-    layout = Layout(class_names, {}, {}, split_dirs)
+    layout = Layout(class_names, {}, {}, split_dirs, sorted(ignored))
     for split in SPLITS:
         paths: list[str] = []
         labels: list[int] = []

@@ -13,6 +13,8 @@ never owns the adapter, denoiser or hash.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import ClassVar
 
 import torch
@@ -23,6 +25,11 @@ from dskd.methods import costs
 from dskd.methods.adapter import ConvAdapter, match_spatial
 from dskd.methods.base import Distiller, ramp
 from dskd.methods.denoiser import Denoiser
+from dskd.methods.guidance import (
+    GuideWeights,
+    guidance_gradient_closed_form,
+    has_pooled_linear_head,
+)
 from dskd.methods.losses import ce_loss, kd_loss, soft_target_log_likelihood
 from dskd.methods.lsh import LSHHash
 from dskd.methods.options import Opt
@@ -59,7 +66,14 @@ class DSKD(Distiller):
         "guidance_target": Opt("label", str, "what guidance pulls towards", choices=("label", "soft", "mix")),
         "guidance_mix": Opt(0.5, float, "label share of the 'mix' target", low=0.0, high=1.0),
         "guidance_form": Opt("gradient", str, "classifier-gradient or loss guidance", choices=("gradient", "loss")),
+        "guidance_impl": Opt("auto", str, "gradient guidance: closed form when the teacher head is pool+linear "
+                             "(auto) or autograd (the general path; same result)", choices=("auto", "autograd")),
+        "capture": Opt("off", str, "torch.compile the sampling chain (reduce-overhead = CUDA graphs on CUDA; "
+                       "default mode elsewhere); falls back to eager if compiling fails",
+                       choices=("off", "compile")),
         **DIFFUSION_OPTIONS,
+        "denoiser_time": Opt("add", str, "timestep conditioning: add before the first BN (original; BN removes it "
+                             "for a one-t batch) or film (scale/shift after each norm)", choices=("add", "film")),
         "lsh_bits": Opt(None, int, "hash bits (None = 4 × student width)", nullable=True, low=1),
         "lsh_on": Opt("spatial", str, "feature loss per position or on the pooled vector",
                       choices=("spatial", "pooled")),
@@ -88,11 +102,14 @@ class DSKD(Distiller):
         c_s, c_t = int(student.num_features), int(teacher.num_features)
         self.schedule = DiffusionSchedule(o["num_train_timesteps"], o["beta_start"], o["beta_end"])
         self.adapter = ConvAdapter(c_s, c_t)
-        self.denoiser = Denoiser(c_s, o["num_train_timesteps"])
+        self.denoiser = Denoiser(c_s, o["num_train_timesteps"], o["denoiser_time"])
         self.lsh: LSHHash | None = None
         if o["feature_loss"] == "lsh":
             bits = o["lsh_bits"] or 4 * c_s
             self.lsh = LSHHash(c_s, bits, o["lsh_std"], o["lsh_bias_batches"], o["lsh_bias_momentum"])
+        self.closed_form_guidance = o["guidance_impl"] == "auto" and has_pooled_linear_head(teacher)
+        self._compiled_chain = None  # built on first use when capture = "compile"
+        self._capture_failed = False
 
     # -- guidance -----------------------------------------------------------------------
     def teacher_classifier(self, features: torch.Tensor) -> torch.Tensor:
@@ -102,7 +119,8 @@ class DSKD(Distiller):
 
     def guidance_target(self, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """Class distribution π the guidance maximises Σ π log p_T(·|x̂0) for."""
-        onehot = F.one_hot(y, teacher_logits.shape[1]).float()
+        # scatter, not F.one_hot: one_hot reads y's min/max back to the host (a sync on CUDA)
+        onehot = torch.zeros_like(teacher_logits, dtype=torch.float32).scatter_(1, y[:, None], 1.0)
         kind = self.options["guidance_target"]
         if kind == "label":
             return onehot
@@ -141,7 +159,7 @@ class DSKD(Distiller):
         if torch.is_inference_mode_enabled():
             s = 0.0  # no autograd at all in inference mode
         start = start.detach().float()
-        noise = torch.randn_like(start) if noise is None else noise.float()
+        noise = gaussian_like(start) if noise is None else noise.float()
         x = self.schedule.add_noise(start, noise, o["t0"])
         pairs = self.schedule.sampling_timesteps(o["t0"], o["steps"])
 
@@ -152,7 +170,10 @@ class DSKD(Distiller):
                 log_lik = soft_target_log_likelihood(self.teacher_classifier(x.float()), target)
             return x.detach(), -s * log_lik.mean()
 
-        for t, t_prev in pairs:
+        if s <= 0 or (o["guidance_form"] == "gradient" and self.closed_form_guidance):
+            return self._run_chain(start, noise, target, float(s)), None
+
+        for t, t_prev in pairs:  # autograd guidance: the general path, and the oracle of the fast one
             with torch.no_grad():
                 eps = self.denoiser(x, t).float()
             if s > 0 and o["guidance_form"] == "gradient":
@@ -161,6 +182,48 @@ class DSKD(Distiller):
             with torch.no_grad():
                 x = self.schedule.step(eps, t, t_prev, x)
         return x.detach(), None
+
+    def sample_chain(self, start: torch.Tensor, noise: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDEdit + DDIM with closed-form guidance (or none at scale 0): no autograd, no sync.
+
+        Static shapes and no host reads, so `capture = "compile"` can capture it whole.
+        Needs a pooled-linear teacher head when scale > 0 (see dskd.methods.guidance).
+        """
+        o = self.options
+        with torch.no_grad():
+            x = self.schedule.add_noise(start, noise, o["t0"])
+            weights, target_sum = None, None
+            if scale > 0:
+                assert self.teacher is not None
+                weights = GuideWeights.read(self.adapter, self.teacher.fc)
+                target_sum = target.sum(dim=1, keepdim=True)
+            for t, t_prev in self.schedule.sampling_timesteps(o["t0"], o["steps"]):
+                eps = self.denoiser(x, t).float()
+                if weights is not None:
+                    a = self.schedule.alpha_bar_value(t)
+                    sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+                    with torch.autocast(device_type=x.device.type, enabled=False):
+                        x0_hat = torch.add(x, eps, alpha=-s1a).mul_(1.0 / sa)
+                        grad = guidance_gradient_closed_form(x0_hat, target, weights, target_sum)
+                        # ε̂ = ε − s·√(1−ᾱ)·∇_{x_t}, and ∇_{x_t} = ∇_{x̂0} / √ᾱ
+                        eps = torch.add(eps, grad, alpha=-scale * s1a / sa)
+                x = self.schedule.step(eps, t, t_prev, x)
+        return x
+
+    def _run_chain(self, start: torch.Tensor, noise: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+        """`sample_chain`, compiled when `capture = "compile"`; eager again if compiling fails."""
+        if self.options["capture"] == "compile" and not self._capture_failed:
+            try:
+                if self._compiled_chain is None:
+                    mode = "reduce-overhead" if start.device.type == "cuda" else "default"
+                    self._compiled_chain = torch.compile(self.sample_chain, mode=mode, dynamic=False)
+                out = self._compiled_chain(start, noise, target, scale)
+                return out.clone() if start.device.type == "cuda" else out  # CUDA-graph outputs are reused
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
+                self._capture_failed = True
+                warnings.warn(f"dskd capture=compile failed ({type(exc).__name__}: {exc}); running eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return self.sample_chain(start, noise, target, scale)
 
     # -- losses -------------------------------------------------------------------------
     def diffusion_x0(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +236,7 @@ class DSKD(Distiller):
     def diffusion_loss(self, x0: torch.Tensor) -> torch.Tensor:
         """‖ε − ε_θ(x_t, t)‖² with t ~ U{0..T−1}."""
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+        noise = gaussian_like(x0)
         pred = self.denoiser(self.schedule.add_noise(x0, noise, t), t)
         return F.mse_loss(pred.float(), noise)
 
@@ -192,9 +255,20 @@ class DSKD(Distiller):
         assert self.teacher is not None
         z_a = self.teacher.forward_head(self.adapter(adapter_in))
         losses["adapt"] = o["w_adapt"] * kd_loss(z_a, z_t, o["tau"])
+        pooled = o["lsh_on"] == "pooled"
+        feat_key = "lsh" if o["feature_loss"] == "lsh" else "feat_mse"
+        loss_guided = o["guidance_form"] == "loss" and o["guidance_scale"] > 0
+        # Nothing reads f̂ when its terms weigh 0 (e.g. dskd_nofeat): then no chain at all.
+        needs_chain = o["w_lsh"] != 0 or o["feature_mse"] != 0 or loss_guided
+        # The chain runs before L_diff: a compiled chain (capture) writes the denoiser's BN running
+        # statistics back with an in-place copy autograd sees, which would void L_diff's saved graph.
+        # Train-mode BN normalises with batch statistics, so the order changes no loss or gradient.
+        if needs_chain:
+            f_hat, guide = self.denoise(f_s, self.guidance_target(y, z_t))
         losses["diff"] = o["w_diff"] * self.diffusion_loss(self.diffusion_x0(f_s, f_t))
-
-        f_hat, guide = self.denoise(f_s, self.guidance_target(y, z_t))
+        if not needs_chain:
+            losses[feat_key] = torch.zeros((), device=z_s.device)  # the term stays, an exact 0
+            return z_s, losses
         if guide is not None:
             losses["guide"] = guide
 
@@ -202,9 +276,8 @@ class DSKD(Distiller):
         warm = ramp(progress, o["lsh_warmup"])
         # The feature loss compares f_s and f̂ per position, or their pooled vectors (lsh_on);
         # the MSE ablation and the μ term compare the same view, so swapping the loss is the only change.
-        pooled = o["lsh_on"] == "pooled"
-        f_in = f_s.float().mean(dim=(2, 3)) if pooled else f_s
-        hat_in = f_hat.mean(dim=(2, 3)) if pooled else f_hat
+        f_in = global_pool(f_s.float()) if pooled else f_s
+        hat_in = global_pool(f_hat) if pooled else f_hat
         if o["feature_loss"] == "lsh":
             assert self.lsh is not None
             self.lsh.observe(hat_in)
@@ -220,6 +293,20 @@ class DSKD(Distiller):
         return diffusion_cost_report(
             self, self.denoiser, self.student, input_size, in_chans, calls=1 + self.options["steps"]
         )
+
+
+def gaussian_like(x: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise shaped like `x`, drawn in the default (contiguous) layout.
+
+    torch.randn_like keeps a channels-last layout and then fills element by element, ~10×
+    slower on CPU than a contiguous draw; the distribution is the same.
+    """
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
+def global_pool(f: torch.Tensor) -> torch.Tensor:
+    """Mean over positions, B×C×H×W → B×C (adaptive pooling: fast on channels-last maps)."""
+    return F.adaptive_avg_pool2d(f, 1).flatten(1)
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,12 @@ from torch import nn
 from dskd.methods.adapter import ConvAdapter, match_spatial
 from dskd.methods.base import Distiller
 from dskd.methods.denoiser import Denoiser
-from dskd.methods.dskd import DIFFUSION_OPTIONS, check_diffusion_options, diffusion_cost_report
+from dskd.methods.dskd import (
+    DIFFUSION_OPTIONS,
+    check_diffusion_options,
+    diffusion_cost_report,
+    gaussian_like,
+)
 from dskd.methods.losses import ce_loss, kd_loss
 from dskd.methods.lsh import LSHHash
 from dskd.methods.options import Opt
@@ -126,12 +131,12 @@ class DiffKDStyle(Distiller):
         target = f_t.float()
 
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), device=x.device)
-        noise = torch.randn_like(target)
+        noise = gaussian_like(target)
         eps = self.denoiser(self.schedule.add_noise(target, noise, t), t)
         l_diff = F.mse_loss(eps.float(), noise)
 
         student_map = match_spatial(self.projection(f_s), tuple(target.shape[-2:])).float()
-        x_t = self.schedule.add_noise(student_map, torch.randn_like(student_map), o["t0"])
+        x_t = self.schedule.add_noise(student_map, gaussian_like(student_map), o["t0"])
         for step_t, t_prev in self.schedule.sampling_timesteps(o["t0"], o["steps"]):
             x_t = self.schedule.step(self.denoiser(x_t, step_t).float(), step_t, t_prev, x_t)
         return z_s, {

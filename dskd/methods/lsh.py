@@ -34,6 +34,7 @@ class LSHHash(nn.Module):
         self.register_buffer("bias", torch.zeros(bits))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self._bias_done = False  # host-side mirror of batches_seen >= bias_batches (no device sync)
+        self._seen_host: int | None = None  # host mirror of batches_seen: read once, then counted here
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
         """P·f + b in float32 (autocast off): B×C → B×N, B×C×H×W → B×N×H×W."""
@@ -48,7 +49,9 @@ class LSHHash(nn.Module):
         afterwards, with `bias_momentum`, keep tracking them as an EMA (else b stays frozen)."""
         if not self.training or self._bias_done:
             return
-        n = int(self.batches_seen)
+        if self._seen_host is None:  # the one device read, after construction or a state load
+            self._seen_host = int(self.batches_seen)
+        n = self._seen_host
         if n >= self.bias_batches and self.bias_momentum is None:
             self._bias_done = True
             return
@@ -64,10 +67,12 @@ class LSHHash(nn.Module):
             keep = n / (n + 1) if n < self.bias_batches else 1.0 - float(self.bias_momentum or 0.0)
             self.bias.mul_(keep).sub_(median * (1.0 - keep))
             self.batches_seen += 1
+            self._seen_host = n + 1
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
         self._bias_done = False  # re-read batches_seen from the loaded state
+        self._seen_host = None
 
     def hash(self, f: torch.Tensor) -> torch.Tensor:
         """Bits 1[P·f + b > 0] as float32 {0, 1}, shaped like `project`."""

@@ -6,6 +6,8 @@ never enters checkpoints and is identical on every DDP rank.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,17 +22,34 @@ class DiffusionSchedule:
         self.num_train_timesteps = num_train_timesteps
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._host = self.alphas_cumprod.tolist()  # Python floats: host-side lookups never touch a tensor
         self._tables: dict[str, torch.Tensor] = {}
 
     def alpha_bar(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t shaped to broadcast against `like` (B×...); t < 0 means the clean end (ᾱ = 1)."""
+        """ᾱ_t shaped to broadcast against `like` (B×...); t < 0 means the clean end (ᾱ = 1).
+
+        Both forms index a table cached on `like`'s device, so neither copies from the host
+        (no torch.tensor(python_number, device=...), which is a blocking copy on CUDA).
+        """
+        table = self._table(like.device)
         if isinstance(t, torch.Tensor):
-            table = self._table(like.device)
             values = table[t.to(like.device, torch.long).clamp(min=-1)]  # -1 → the appended 1.0
             shape = (-1,) + (1,) * (like.dim() - 1) if values.dim() == 1 else ()
             return values.reshape(shape).to(like.dtype)
-        value = 1.0 if t < 0 else float(self.alphas_cumprod[t])
-        return torch.tensor(value, device=like.device, dtype=like.dtype)
+        return table[-1 if t < 0 else t].to(like.dtype)
+
+    def alpha_bar_value(self, t: int) -> float:
+        """ᾱ_t as a Python float (float64 precision) for a step known on the host: no tensor at all."""
+        return 1.0 if t < 0 else float(self._host[t])
+
+    def ddim_coefficients(self, t: int, t_prev: int) -> tuple[float, float]:
+        """(c_x, c_ε) with DDIM(η=0) x_{t_prev} = c_x·x_t + c_ε·ε: the step as two scalars.
+
+        From x̂0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t and x_{t_prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε.
+        """
+        a, a_prev = self.alpha_bar_value(t), self.alpha_bar_value(t_prev)
+        c_x = math.sqrt(a_prev / a)
+        return c_x, math.sqrt(1.0 - a_prev) - c_x * math.sqrt(1.0 - a)
 
     def _table(self, device: torch.device) -> torch.Tensor:
         """ᾱ_0..ᾱ_{T-1} followed by 1.0, cached per device so indexing never syncs."""
@@ -42,11 +61,17 @@ class DiffusionSchedule:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x_0): √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
+        if not isinstance(t, torch.Tensor):  # a host-side step: two scalar ops, no lookup
+            a = self.alpha_bar_value(t)
+            return torch.add(x0 * math.sqrt(a), noise, alpha=math.sqrt(1.0 - a))
         a = self.alpha_bar(t, x0)
         return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
     def pred_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """The clean sample implied by a noise prediction: (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+        if not isinstance(t, torch.Tensor):
+            a = self.alpha_bar_value(t)
+            return torch.add(x_t, eps, alpha=-math.sqrt(1.0 - a)) * (1.0 / math.sqrt(a))
         a = self.alpha_bar(t, x_t)
         return (x_t - (1.0 - a).sqrt() * eps) / a.sqrt()
 
@@ -54,6 +79,9 @@ class DiffusionSchedule:
         self, eps: torch.Tensor, t: int | torch.Tensor, t_prev: int | torch.Tensor, x_t: torch.Tensor
     ) -> torch.Tensor:
         """One deterministic DDIM (η = 0) update x_t → x_{t_prev}; t_prev = −1 lands on x_0."""
+        if not isinstance(t, torch.Tensor) and not isinstance(t_prev, torch.Tensor):
+            c_x, c_eps = self.ddim_coefficients(t, t_prev)
+            return torch.add(x_t * c_x, eps, alpha=c_eps)
         x0 = self.pred_x0(x_t, eps, t)
         a_prev = self.alpha_bar(t_prev, x_t)
         return a_prev.sqrt() * x0 + (1.0 - a_prev).sqrt() * eps

@@ -21,8 +21,8 @@ CASES = {
     "wrong list type": ({"target.batch_sizes": 8}, "key 'target.batch_sizes' must be list[int]"),
     "negative epochs": ({"teacher.epochs": -1}, "key 'teacher.epochs' must be >= 1, got -1"),
     "negative gate": ({"gates.max_size_mb": -1.0}, "key 'gates.max_size_mb' must be >= 0"),
-    "unknown precision": ({"student.precision": "int4"}, "key 'student.precision' must be fp32, bf16 or fp16"),
-    "unknown channels": ({"data.in_chans": 2}, "key 'data.in_chans' must be 1 or 3"),
+    "unknown precision": ({"student.precision": "int4"}, "key 'student.precision' must be one of fp32, bf16, fp16, got 'int4'"),
+    "unknown channels": ({"data.in_chans": 2}, "key 'data.in_chans' must be one of 1, 3, got 2"),
     "unknown target": ({"target.name": "jetson-nanoo"}, "'jetson-nanoo' is not known: did you mean"),
     "unknown export format": ({"export.formats": ["onnx-int4"]},
                               "key 'export.formats': --formats: unknown format 'onnx-int4': did you mean 'onnx-int8'?"),
@@ -72,3 +72,42 @@ def test_bad_recipe_file_exits_2_from_a_real_process(tmp_path: Path):
     proc = cli("run", str(broken), "--out", str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2 and f"{broken}: not valid TOML" in proc.stderr
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def _nan_checkpoint(path: Path, bad: float = float("nan")) -> Path:
+    """A well-formed dskd model.pt whose first conv weight holds one NaN (or inf)."""
+    from dskd.checkpoint import save_model
+    from dskd.models import create_model
+
+    model = create_model("resnet8", num_classes=10, in_chans=1)
+    sd = model.state_dict()
+    sd["conv1.weight"][0, 0, 0, 0] = bad
+    save_model(path, sd, {"model": "resnet8", "num_classes": 10, "class_names": [str(i) for i in range(10)],
+                          "input_size": 16, "in_chans": 1, "mean": [0.5], "std": [0.25], "method": "ce", "top1": 90.0})
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_teacher_checkpoint_is_a_bad_checkpoint_not_lower_lr(bad: float, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]):
+    """A NaN/inf weight in a loaded checkpoint is reported as a bad file (exit 2, one line naming it),
+    by `train --teacher` and by `run` with teacher.checkpoint (before any stage) -- it used to surface
+    as a NaN loss advising "Lower --lr"."""
+    from dskd.checkpoint import load_model_file
+    from dskd.errors import UserError
+
+    pt = _nan_checkpoint(tmp_path / "teacher.pt", bad)
+    with pytest.raises(UserError, match=rf"^{pt}: bad checkpoint: 'conv1.weight' holds 1 NaN or infinite value"):
+        load_model_file(pt)
+    code, _, err = run_main(["train", "--teacher", str(pt), "--method", "kd", "--epochs", "1", "--data", "digits",
+                             "--input-size", "16", "--in-chans", "1", "--limit-per-class", "5",
+                             "--out", str(tmp_path / "student")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"error: {pt}: bad checkpoint:"), err
+    assert "--lr" not in err
+    out = tmp_path / "run"
+    code, _, err = run_main(["run", "--out", str(out), *set_args({"teacher.checkpoint": str(pt)})], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: --set: key 'teacher.checkpoint': {pt}: bad checkpoint: 'conv1.weight'"), err
+    assert not out.exists()

@@ -71,8 +71,9 @@ def test_killing_one_rank_ends_the_job_with_a_clear_error(tmp_path: Path):
     victim = ranks[1]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    code = proc.wait(timeout=120)
-    assert time.monotonic() - killed_at < 60  # ended, not hung on the dead peer
+    code = proc.wait(timeout=300)
+    # ended, not hung on the dead peer: seconds alone; generous so a 2x oversubscribed machine passes
+    assert time.monotonic() - killed_at < 240
     out = log.read_text()
     assert code == 2, out[-3000:]
     assert f"Signal 9 (SIGKILL) received by PID {victim}" in out  # torchrun names the dead rank

@@ -31,7 +31,11 @@ from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_serve
 from tests.reliability.conftest import TINY, copy_run
 
 pytestmark = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
-BOUND_S = 60  # generous: the slowest case waits for a 10 s connect timeout
+# "Bounded, not hung": a hang never ends, so the bound only has to tell the two apart, and it must
+# hold on a 2x oversubscribed machine (the hang case took 24 s alone and 86 s under load, against a
+# 60 s bound that then failed). What is tight is checked without a clock: each failure names the
+# limit that stopped it (e.g. "did not finish within 3 s") and nothing is left running on the device.
+BOUND_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,8 @@ def assert_not_measured(report: dict, run_dir: Path, base_run: Path, reason: str
                       for p in ("fp32", "int8")}
     for g in report["gates"]:
         if not g["passed"]:
-            assert g["note"].startswith("not measured: ") and reason in g["note"]
+            assert g["status"] == "NOT MEASURED" and g["note"] == "not measured"
+    assert reason in report["not_measured"]["note"]  # the reason is said once, not on every row
     assert "not measured" in (run_dir / "report.md").read_text()
 
 
@@ -123,7 +128,8 @@ def test_unreachable_host(base_run: Path, tmp_path: Path):
     allowed = execute(load_recipe("digits-smoke", {**TINY, "target.name": "ssh-cpu", "target.allow_unmeasured": True,
                                                     "target.device": report["target"]["device"]}), run_dir)
     assert allowed["passed"] is True
-    assert any(g["note"].startswith("not measured (allowed): ") for g in allowed["gates"])
+    assert any(g["status"] == "NOT MEASURED" and g["passed"] for g in allowed["gates"])
+    assert allowed["not_measured"]["allowed"] is True
 
 
 def test_host_that_never_answers(base_run: Path, tmp_path: Path, silent_host: int):
@@ -202,3 +208,24 @@ def test_control_the_same_device_measures_when_healthy(base_run: Path, tmp_path:
     report, took = deploy(base_run, run_dir, device=good_ssh.device, python=sys.executable)
     assert report["passed"] is True and report["target"]["measured"] is True
     assert all(a["measured"] and a["latency_ms"]["p50"] > 0 for a in report["artifacts"] if a["shipped"])
+
+
+def test_bench_file_name_that_looks_like_an_option_runs_nothing(
+        good_ssh: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`pipeline bench "./-oProxyCommand=touch X.onnx" --target ssh-cpu` used to run `touch X.onnx`
+    locally (scp read the name as an option). Now the file is measured and nothing runs."""
+    from tests.reliability.conftest import run_main
+    from tests.test_targets_runner import build_tiny_artifacts
+
+    (tmp_path / "tiny").mkdir()
+    tiny = build_tiny_artifacts(tmp_path / "tiny", quantized=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    name = "-oProxyCommand=touch X.onnx"
+    shutil.copy(tiny["onnx"], work / name)
+    monkeypatch.chdir(work)
+    code, out, err = run_main(["bench", f"./{name}", "--target", "ssh-cpu", "--device", good_ssh.device,
+                               "--python", sys.executable], capsys)
+    assert code == 0, err
+    assert good_ssh.device in out
+    assert sorted(p.name for p in work.iterdir()) == [name]  # no X.onnx

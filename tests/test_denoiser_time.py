@@ -1,0 +1,67 @@
+"""Issue 14 item 1: a denoiser whose noise estimate depends on t in the mode sampling uses.
+
+Sampling (DSKD.sample_chain) calls the denoiser in train mode with one host-side t for the
+whole batch. With `time_cond = "add"` the embedding is a per-channel constant before a BN,
+which the BN removes; `"film"` scales/shifts after the norms, so t survives.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dskd.methods import create_distiller
+from dskd.methods.denoiser import Denoiser
+from tests.test_methods import TinyNet, batch
+
+torch.set_num_threads(1)
+
+
+def trained_like(time_cond: str) -> Denoiser:
+    """A denoiser whose time tables are non-zero, as after training (both tables random)."""
+    torch.manual_seed(0)
+    d = Denoiser(16, 1000, time_cond).train()
+    with torch.no_grad():
+        d.time_embed.weight.normal_(0.0, 1.0)
+        if time_cond == "film":
+            d.time_film.weight.normal_(0.0, 0.3)
+    return d
+
+
+def sampling_gap(d: Denoiser) -> float:
+    """max |ε(x, 0) − ε(x, 100)| relative to |ε|, called exactly as the DDIM chain calls it."""
+    x = torch.randn(32, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        e0, e100 = d(x, 0), d(x, 100)
+    return float((e0 - e100).abs().max() / e0.abs().max())
+
+
+def test_added_embedding_is_removed_by_batch_norm_in_sampling_mode() -> None:
+    assert sampling_gap(trained_like("add")) < 1e-4  # the defect issue 14 found, pinned
+
+
+def test_film_conditioning_survives_normalisation_in_sampling_mode() -> None:
+    assert sampling_gap(trained_like("film")) > 0.05
+
+
+def test_film_starts_as_the_add_denoiser_and_learns_from_the_diffusion_loss() -> None:
+    torch.manual_seed(0)
+    add = Denoiser(16, 1000, "add").train()
+    torch.manual_seed(0)
+    film = Denoiser(16, 1000, "film").train()
+    x = torch.randn(8, 16, 4, 4)
+    t = torch.randint(0, 1000, (8,))
+    assert torch.allclose(add(x, t), film(x, t))  # zero-initialised FiLM: identical at the start
+    film(x, t).pow(2).mean().backward()
+    assert film.time_film.weight.grad is not None and film.time_film.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("time_cond", ["add", "film"])
+def test_dskd_option_builds_the_denoiser_and_trains(time_cond: str) -> None:
+    torch.manual_seed(0)
+    d = create_distiller("dskd", TinyNet(16), TinyNet(32), {"denoiser_time": time_cond, "guidance_scale": 10.0})
+    assert d.denoiser.time_cond == time_cond
+    x, y = batch(8)
+    _, losses = d(x, y, 0.5)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())

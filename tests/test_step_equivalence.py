@@ -1,0 +1,237 @@
+"""Issue 15: the fast DSKD step computes what the general (autograd) step computes, without syncs.
+
+The oracle is `guidance_impl = "autograd"`, the original guidance path (kept as the general
+one). Both distillers start from the same weights and RNG state, so losses and every
+parameter gradient must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dskd.methods import create_distiller
+from dskd.methods.bookkeeping import LossBook
+from dskd.methods.guidance import (
+    GuideWeights,
+    guidance_gradient_closed_form,
+    has_pooled_linear_head,
+)
+from dskd.models import create_model
+
+torch.set_num_threads(1)
+
+SHIPPED = {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "detach_adapter_input": False}
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh")
+
+
+def pair(options: dict, teacher_name: str = "resnet8x4") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(fast, oracle) DSKD distillers with identical weights; teacher width 256 ≠ student 64."""
+    torch.manual_seed(0)
+    teacher = create_model(teacher_name, num_classes=10, in_chans=3)
+    fast = create_distiller("dskd", create_model("resnet8", num_classes=10, in_chans=3), teacher, options)
+    with torch.no_grad():  # a non-trivial adapter BN, so both BN modes are really exercised
+        fast.adapter.bn.weight.uniform_(0.5, 1.5)
+        fast.adapter.bn.bias.normal_(0.0, 0.3)
+        fast.adapter.bn.running_mean.normal_(0.0, 0.3)
+        fast.adapter.bn.running_var.uniform_(0.5, 2.0)
+        # Hash bias already set (as after lsh_bias_batches): a fresh median bias puts one projection
+        # per bit exactly on the threshold, where float rounding alone may flip the bit.
+        fast.lsh.bias.normal_(0.0, 0.5)
+        fast.lsh.batches_seen.fill_(fast.lsh.bias_batches)
+    oracle = copy.deepcopy(fast)
+    oracle.options = {**oracle.options, "guidance_impl": "autograd"}
+    oracle.closed_form_guidance = False
+    assert fast.closed_form_guidance and not oracle.closed_form_guidance
+    return fast, oracle
+
+
+def data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def step(d: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 5) -> tuple[dict, dict]:
+    """One forward + backward from a fixed RNG state: (losses, {param name: grad})."""
+    torch.manual_seed(seed)
+    _, losses = d(x, y, 0.5)
+    sum(v.float() for v in losses.values()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in d.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize(
+    ("options", "mode"),
+    [
+        (SHIPPED, "train"),
+        ({}, "train"),  # the spec defaults: per-position hash, t0 = 400, s = 1
+        ({**SHIPPED, "guidance_target": "mix", "feature_mse": 0.5}, "train"),
+        (SHIPPED, "eval"),  # adapter BN with running statistics: the constant-per-position form
+    ],
+)
+def test_fast_step_matches_autograd_oracle(options: dict, mode: str) -> None:
+    fast, oracle = pair(options)
+    x, y = data()
+    for d in (fast, oracle):
+        d.train(mode == "train")
+    lf, gf = step(fast, x, y)
+    lo, go = step(oracle, x, y)
+    assert lf.keys() == lo.keys()
+    for k in lf:
+        assert torch.allclose(lf[k], lo[k], rtol=1e-4, atol=1e-6), (k, lf[k], lo[k])
+    assert gf.keys() == go.keys() and len(gf) > 0
+    for n in gf:
+        assert torch.allclose(gf[n], go[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_denoised_features_match_under_bf16_autocast() -> None:
+    fast, oracle = pair(SHIPPED)
+    x, y = data()
+    with torch.no_grad():
+        z_t, _ = fast.teacher_outputs(x)
+        f_s = fast.student.forward_features(x)
+    target = fast.guidance_target(y, z_t)
+    noise = torch.randn_like(f_s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = fast.denoise(f_s, target, noise=noise)
+        want, _ = oracle.denoise(f_s, target, noise=noise)
+    unguided, _ = fast.denoise(f_s, target, noise=noise, scale=0.0)
+    assert (want - unguided).abs().max() > 1e-3  # guidance really moved f̂ ...
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)  # ... and both paths moved it alike
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_closed_form_gradient_equals_autograd_through_the_guide(train_mode: bool) -> None:
+    fast, _ = pair(SHIPPED)
+    fast.train(train_mode)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(8, 64, 8, 8, generator=g).abs()
+    target = torch.softmax(torch.randn(8, 10, generator=g), dim=1)
+    xg = x0.clone().requires_grad_(True)
+    logits = fast.teacher_classifier(xg)
+    (want,) = torch.autograd.grad((target * torch.log_softmax(logits, 1)).sum(), [xg])
+    got = guidance_gradient_closed_form(x0, target, GuideWeights.read(fast.adapter, fast.teacher.fc))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_head_detection() -> None:
+    assert has_pooled_linear_head(create_model("resnet8", num_classes=10, in_chans=3))
+    assert has_pooled_linear_head(create_model("mobilenetv2", num_classes=10, in_chans=3))
+
+    class OwnHead(torch.nn.Module):
+        fc = torch.nn.Linear(4, 2)
+
+        def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+            return self.fc(f.amax(dim=(2, 3)))
+
+    assert not has_pooled_linear_head(OwnHead())  # undeclared custom head: autograd path
+
+
+def test_nofeat_skips_the_chain_and_keeps_every_gradient() -> None:
+    """w_lsh = 0: no DDIM chain (one denoiser call, the L_diff one), same gradients as DSKD minus L_lsh.
+
+    The skipped chain draws no noise, so L_diff sees other random draws than in the full run:
+    the denoiser (trained only by L_diff) is compared on L_diff's value range, the rest exactly.
+    """
+    fast, _ = pair(SHIPPED)
+    nofeat = copy.deepcopy(fast)
+    nofeat.options = {**nofeat.options, "w_lsh": 0.0}
+    calls = []
+    nofeat.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    x, y = data()
+    ln, gn = step(nofeat, x, y)
+    assert len(calls) == 1 and float(ln["lsh"]) == 0.0 and set(ln) == {"ce", "kd", "adapt", "diff", "lsh"}
+    torch.manual_seed(5)
+    _, lf = fast(x, y, 0.5)
+    named = [(n, p) for n, p in fast.named_parameters() if p.requires_grad and not n.startswith("denoiser.")]
+    kept = sum(v for k, v in lf.items() if k not in ("lsh", "diff"))
+    grads = torch.autograd.grad(kept, [p for _, p in named], allow_unused=True)
+    for (n, _), g in zip(named, grads, strict=True):
+        if g is None:
+            assert n not in gn
+        else:
+            assert torch.allclose(gn[n], g, rtol=1e-5, atol=1e-7), n
+    assert all(n.startswith("denoiser.") or n in dict(named) for n in gn)
+    for k in ("ce", "kd", "adapt"):
+        assert torch.allclose(ln[k], lf[k].detach())
+    assert 0.1 < float(ln["diff"]) < 10.0
+
+
+def count_sync_ops(fn) -> int:  # noqa: ANN001
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name in SYNC_OPS)
+
+
+def test_training_step_reads_the_device_once() -> None:
+    """Forward: no call that would block on a GPU; bookkeeping: one finite check per step."""
+    fast, _ = pair(SHIPPED)
+    x, y = data()
+    book = LossBook()
+    opt = torch.optim.SGD(list(fast.trainable_parameters()), lr=0.01)
+
+    def train_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, losses = fast(x, y, 0.5)
+        loss = book.add(losses)
+        assert not book.bad_terms()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    train_step()  # first step reads the hash's batch counter once
+    assert count_sync_ops(train_step) == 1
+    totals = book.totals()
+    assert set(totals) == {"ce", "kd", "adapt", "diff", "lsh"} and all(v == v for v in totals.values())
+
+
+def test_loss_book_names_non_finite_terms() -> None:
+    book = LossBook()
+    book.add({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    assert book.bad_terms() == []
+    book.add({"a": torch.tensor(float("nan")), "b": torch.tensor(3.0)})
+    assert book.bad_terms() == ["a"]
+    assert book.totals()["b"] == 5.0
+
+
+def test_capture_falls_back_to_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, _ = pair(SHIPPED)
+    captured = copy.deepcopy(fast)
+    captured.options = {**captured.options, "capture": "compile"}
+
+    def broken_compile(*_a, **_k):  # noqa: ANN002, ANN003
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x, y = data()
+    lf, gf = step(fast, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lc, gc = step(captured, x, y)
+    assert any("capture=compile failed" in str(w.message) for w in caught)
+    for k in lf:
+        assert torch.equal(lf[k], lc[k]), k
+    for n in gf:
+        assert torch.equal(gf[n], gc[n]), n
+
+
+@pytest.mark.slow
+def test_capture_compile_on_cpu_matches_eager() -> None:
+    """Real torch.compile (default mode on CPU; reduce-overhead = CUDA graphs on a GPU)."""
+    fast, _ = pair(SHIPPED)
+    captured = copy.deepcopy(fast)
+    captured.options = {**captured.options, "capture": "compile"}
+    x, y = data()
+    lf, gf = step(fast, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide a compile failure
+        lc, gc = step(captured, x, y)
+    assert not captured._capture_failed
+    for k in lf:
+        assert torch.allclose(lf[k], lc[k], rtol=1e-3, atol=1e-5), k
+    for n in gf:
+        assert torch.allclose(gf[n], gc[n], rtol=1e-2, atol=1e-5), n
