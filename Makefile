@@ -1,4 +1,5 @@
 # Two commands do all the set-up: `make run` (the main job) and `make test` (the whole suite).
+# `make test-fast` is the inner loop: every package, without the tests marked `slow` (< 2 min).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_FLAGS := -q --disable-pip-version-check $(FIND_LINKS) -c $(CURDIR)/constraints.txt
 PIP_INSTALL := $(PY) -m pip install $(PIP_FLAGS)
 
-.PHONY: setup run test lint clean plain-smoke
+.PHONY: setup run test test-fast lint clean plain-smoke
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,6 +25,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# The slowest tests (end-to-end runs, kills, DDP, device round trips; marked `slow`) left out.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=5 $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

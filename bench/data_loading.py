@@ -19,6 +19,7 @@ import numpy as np
 import PIL
 import torch
 
+from deploy_targets.remote.dskd_runner.environment import cpu_model
 from dskd.atomic import write_json
 from dskd.data import augment, load_data, normalize
 from dskd.data.decode import default_workers
@@ -28,14 +29,7 @@ DEFAULT_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()  # the same reading the device runner records
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,

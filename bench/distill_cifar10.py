@@ -1,21 +1,26 @@
-"""Distillation benchmark on CIFAR-10: DSKD against its baselines at one small, equal budget.
+"""Distillation benchmark on CIFAR-10: DSKD against fairly tuned baselines, two teacher–student pairs.
 
-    python bench/distill_cifar10.py                      # teacher, step costs, all cells, docs
-    python bench/distill_cifar10.py --stage tune         # DSKD choices on a holdout split
-    python bench/distill_cifar10.py --stage render       # re-render docs/benchmarks.md only
-    python bench/distill_cifar10.py --budget smoke       # tiny run to check the script
+    python bench/distill_cifar10.py --stage teacher                 # the resnet20 teacher (shared)
+    python bench/distill_cifar10.py --stage tune                    # every method's configurations, holdout
+    python bench/distill_cifar10.py --stage cells                   # 3 seeds of each pick + reference rows
+    python bench/distill_cifar10.py --budget cross --stage pair     # MACs and s/step of candidate students
+    python bench/distill_cifar10.py --budget cross --stage cells    # cross-family pair, same picks
+    python bench/distill_cifar10.py --stage render                  # re-render docs/benchmarks.md only
+    python bench/distill_cifar10.py --budget smoke --data digits    # tiny run to check the script
 
 Why it looks like this:
 - One teacher, then every (variant, seed) cell trains a student with the same budget
   (subset, epochs, batch, lr, augmentation, precision). A cell's result is written to the
-  results JSON the moment it finishes and skipped on the next invocation, so the table can
-  be completed over several sittings (`--max-minutes` stops starting new cells).
+  results JSON the moment it finishes and skipped on the next invocation (only while its options
+  are unchanged), so the tables can be completed over several sittings (`--max-minutes` stops
+  starting new cells; `--shard K/N` splits the pending work between processes).
 - Seed n draws the class-balanced subset with seed n too, so every method sees the same
   images at the same seed: differences between methods are paired per seed.
-- DSKD's own settings are chosen on a holdout part of the training subset (`--stage tune`),
-  never on the test split; tuning records keep only the holdout accuracy.
-- Step costs of all methods are timed in one process on the same batch, interleaved in
-  rounds, so machine load hits every method alike.
+- Fair tuning: every method gets the same number of configurations (GRID), trained on 80 % of
+  the seed-0 subset and scored on the other 20 %; the pick rule (PICK_RULE) never sees the test
+  split, and tuning records keep only the holdout accuracy.
+- The cross-family budget reuses the same-family teacher and picks, so both pairs are judged with
+  one tuning budget; every stage records its command and the load average in the JSON.
 """
 
 from __future__ import annotations
@@ -70,11 +75,18 @@ class Budget:
     seeds: tuple[int, ...] = (0, 1, 2)
     holdout: float = 0.2
     augmentation: str = "random crop 32 (pad 4) + horizontal flip"
+    teacher_precision: str | None = None  # None: the students' precision
 
     def key(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
+        if d["teacher_precision"] is None:  # keeps the key of files written before the field existed
+            del d["teacher_precision"]
         return d
+
+    @classmethod
+    def from_key(cls, key: dict[str, Any]) -> Budget:
+        return cls(**{**key, "seeds": tuple(key["seeds"])})
 
 
 BUDGETS = {
@@ -82,7 +94,15 @@ BUDGETS = {
     "smoke": Budget(teacher_subset=600, teacher_epochs=1, subset=400, epochs=1, batch=64, seeds=(0,)),
     # Same teacher and subsets, 3x the student epochs: does the ranking hold with longer training?
     "long": Budget(epochs=30, seeds=(0, 1)),
+    # Cross-family pair: the same resnet20 teacher (64×8×8 last map, residual) and a MobileNetV2
+    # student (1280×2×2, inverted residual): widths differ 20×, maps 4× per side. fp32 because this
+    # CPU ran MobileNetV2's step slower in bf16 than in fp32 (`--stage pair` measures both).
+    "cross": Budget(student="mobilenetv2", precision="fp32", teacher_precision="bf16"),
+    "smoke_cross": Budget(teacher_subset=600, teacher_epochs=1, student="mobilenetv2", subset=400, epochs=1,
+                          batch=64, seeds=(0,), precision="fp32", teacher_precision="bf16"),
 }
+# Budgets that reuse another budget's teacher (same teacher config) and its tuned picks.
+SHARES_WITH = {"cross": "default", "smoke_cross": "smoke"}
 
 
 @dataclass(frozen=True)
@@ -93,90 +113,122 @@ class Variant:
     label: str = ""
 
 
-# DSKD's settings chosen on the holdout (`--stage tune`, see TUNING): the feature loss on pooled
-# features, shallower noising (t0 100), a guidance scale large enough to move f̂ (s 100), and
-# L_adapt reaching the student (f_s not detached: best 3-seed holdout mean of the second round).
-# The library's defaults still carry the spec's starting values (a test pins them).
-DSKD_TUNED: dict[str, Any] = {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0,
-                              "detach_adapter_input": False}
-
-# The six baselines and DSKD. DKD uses β = 2, the spec's value for a ResNet→ResNet pair
-# (ResNet56→20); everything else runs with the method's defaults.
-MAIN = [
-    Variant("ce", "ce", {}, "CE (student alone)"),
-    Variant("kd", "kd", {}, "KD (0.1·CE + 0.9·τ²KL, τ=4)"),
-    Variant("dkd", "dkd", {"beta": 2.0}, "DKD (α=1, β=2, T=4)"),
-    Variant("fitnet", "fitnet", {}, "FitNet (hint MSE ×100)"),
-    Variant("lshfm", "lshfm", {}, "LSHFM (pooled LSH ×6)"),
-    Variant("diffkd", "diffkd", {}, "DiffKD-style"),
-    Variant("dskd", "dskd", DSKD_TUNED, "DSKD (pooled LSH, t0 100, s 100, L_adapt on f_s)"),
-]
-ABLATIONS = [
-    Variant("dskd_s0", "dskd", {**DSKD_TUNED, "guidance_scale": 0.0}, "DSKD, guidance off (s = 0)"),
-    Variant("dskd_mse", "dskd", {**DSKD_TUNED, "feature_loss": "mse"}, "DSKD, LSH replaced by MSE (pooled)"),
-    Variant("dskd_soft", "dskd", {**DSKD_TUNED, "guidance_target": "soft"}, "DSKD, soft guidance target"),
-    Variant("dskd_nofeat", "dskd", {**DSKD_TUNED, "w_lsh": 0.0}, "DSKD, feature loss off (CE + KD + L_adapt)"),
-    Variant("dskd_detached", "dskd", {**DSKD_TUNED, "detach_adapter_input": True},
-            "DSKD, adapter on sg(f_s) (spec default; the first tuned setting)"),
-    Variant("dskd_spec", "dskd", {}, "DSKD with the spec's starting values"),
-]
-
-# The spec's starting point, spelled out so tuning records stay meaningful after defaults move.
-SPEC_START = {
-    "w_lsh": 6.0, "lsh_on": "spatial", "lsh_warmup": 0.1, "lsh_std": 1.0, "t0": 400,
-    "guidance_scale": 1.0, "guidance_target": "label", "alpha_kd": 1.0, "lsh_bias_batches": 20,
-    "lsh_bias_momentum": None,
+# -- tuning: the same budget of configurations for every method ------------------------------
+#
+# Every method gets at most CONFIGS_PER_METHOD configurations, each trained once (TUNING_SEED)
+# on 80 % of the seed's subset and scored on the other 20 % (never the test split). The pick
+# rule: the highest holdout top-1; a tie goes to the configuration listed first (the reference).
+# CE has no knob of its own (its weight only rescales the learning rate, which is fixed for all),
+# so it has one configuration.
+CONFIGS_PER_METHOD = 3
+TUNING_SEED = 0
+PICK_RULE = (f"highest holdout top-1 (seed {TUNING_SEED}, {CONFIGS_PER_METHOD} configurations at most per "
+             "method); a tie goes to the configuration listed first")
+METHOD_ORDER = ("ce", "kd", "dkd", "fitnet", "lshfm", "diffkd", "dskd")
+METHOD_LABELS = {"ce": "CE (student alone)", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet",
+                 "lshfm": "LSHFM", "diffkd": "DiffKD-style", "dskd": "DSKD"}
+GRID: dict[str, list[tuple[str, dict[str, Any], str]]] = {
+    "ce": [("ce", {}, "no method knob: one configuration")],
+    "kd": [
+        ("kd_ref", {}, "mdistiller's CIFAR setting: 0.1·CE + 0.9·τ²KL, τ 4"),
+        ("kd_ce1", {"w_ce": 1.0, "w_kd": 1.0}, "full CE beside the KL term"),
+        ("kd_tau2", {"tau": 2.0}, "a sharper teacher distribution (τ 2)"),
+    ],
+    "dkd": [
+        ("dkd_ref", {}, "the paper's CIFAR default β 8 (α 1, T 4, warm-up 20/240)"),
+        ("dkd_b2", {"beta": 2.0}, "the paper's β for ResNet56→20 (the previous bench setting)"),
+        ("dkd_b1", {"beta": 1.0}, "a weaker non-target term"),
+    ],
+    "fitnet": [
+        ("fitnet_ref", {}, "mdistiller: ConvReg (conv + BN + ReLU), hint weight 100"),
+        ("fitnet_w10", {"w_hint": 10.0}, "hint weight 10: less pull on a short schedule"),
+        ("fitnet_w1", {"w_hint": 1.0}, "hint weight 1"),
+    ],
+    "lshfm": [
+        ("lshfm_ref", {}, "reference lshl2_s: hash + L2, teacher-correct samples, 32×C bits, "
+                          "std of the teacher fc, median bias"),
+        ("lshfm_all", {"lsh_correct_only": False}, "the reference loss on every sample"),
+        ("lshfm_v1", {"lsh_bits": 256, "lsh_std": 1.0, "lsh_l2": False, "lsh_correct_only": False},
+         "this repo's earlier form: 4×C bits, std 1, hash only, every sample"),
+    ],
+    "diffkd": [
+        ("diffkd_ref", {}, "defaults: t0 400, 5 DDIM steps, CE + KD + L_diff + feature MSE"),
+        ("diffkd_t100", {"t0": 100}, "shallower noising of the student map (t0 100)"),
+        ("diffkd_film", {"denoiser_time": "film", "denoiser_norm": "group"},
+         "the denoiser fix DSKD v2 got (FiLM + GroupNorm: it knows the noise level while sampling)"),
+    ],
+    # From H1's status note (/work/notes/h1_status.md): DSKD v2's candidates.
+    "dskd": [
+        ("dskd_v2", {}, "DSKD v2 defaults (teacher-space diffusion, FiLM GroupNorm denoiser)"),
+        ("dskd_cancel", {"target_mode": "cancel"}, "noise-cancelled target f_s + f̂ − f̂(s=0)"),
+        ("dskd_mse1", {"feature_mse": 1.0}, "LSHFM's L2 term beside the hash"),
+    ],
 }
-TUNING: list[tuple[str, dict[str, Any], str]] = [
-    ("spec_start", {}, "the spec's starting values (λ_lsh 6, spatial, warm-up 10%, t0 400, s 1)"),
-    ("no_feature_loss", {"w_lsh": 0.0}, "feature loss off: CE + KD only"),
-    ("pooled_t100", {"lsh_on": "pooled", "t0": 100}, "hash pooled features, shallower noising"),
-    ("pooled_t100_s30", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 30.0}, "+ guidance strong enough to move f̂"),
-    ("pooled_t100_s100", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0}, "+ stronger guidance"),
-    ("spatial_t100_s30_w30", {"t0": 100, "guidance_scale": 30.0, "lsh_warmup": 0.3},
-     "spatial hashing with t0 100, s 30, warm-up 30%"),
-    ("pooled_t400_s30", {"lsh_on": "pooled", "guidance_scale": 30.0}, "pooled, s 30, spec's t0 400"),
-    ("pooled_t100_s100_ema", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "lsh_bias_momentum": 0.05},
-     "+ hash bias keeps tracking the drifting features"),
-    ("teacher_x0_t100_s100", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "x0_source": "teacher"},
-     "denoiser learns the teacher's features (adapter-inverse), so denoising pulls f_s towards them"),
-    ("teacher_x0_t400_s100", {"lsh_on": "pooled", "guidance_scale": 100.0, "x0_source": "teacher"},
-     "same, with the spec's deeper noising t0 400"),
-    ("pooled_t100_s100_correct", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "lsh_correct_only": True},
-     "feature loss only where the teacher is right (LSHFM's LSH_S)"),
-    ("pooled_t100_s100_soft", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "guidance_target": "soft"},
-     "guidance towards the teacher's per-image prediction instead of the label"),
-    ("pooled_t100_s100_adapt_grad", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0,
-                                     "detach_adapter_input": False},
-     "L_adapt also trains the student (f_s not detached): teacher classifier on A(f_s) matches z_t"),
-    ("pooled_t100_s300", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 300.0}, "even stronger guidance"),
-    ("pooled_t100_s100_w20", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "w_lsh": 20.0},
-     "a heavier feature loss (λ_lsh 20)"),
-    ("pooled_t100_s100_warm50", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "lsh_warmup": 0.5},
-     "λ_lsh ramped over half of training while the denoiser is poor"),
-    ("pooled_t100_s100_lossguide", {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0,
-                                    "guidance_form": "loss"},
-     "loss guidance instead of gradient guidance"),
-]
-
-# Probed with `--stage probe` (first 100 steps, seed 0): what the feature loss actually compares.
-PROBES: dict[str, dict[str, Any]] = {
-    "spec_start": {},
-    "pooled_t100": {"lsh_on": "pooled", "t0": 100},
-    "pooled_t100_s100": {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0},
-}
+# The feature-loss-off ablation: both feature terms off, so no denoising chain runs.
+NOFEAT = {"w_lsh": 0.0, "feature_mse": 0.0}
+# Reference-default rows shown beside the tuned ones (run only if their config differs from the pick).
+REFERENCE_ROWS = {"fitnet": "fitnet_ref", "lshfm": "lshfm_ref"}
 
 
-def cell_order(seeds: tuple[int, ...]) -> list[tuple[Variant, int]]:
-    """Fewest seeds first: the methods and the cheap ablations at the first seed, then the
-    methods at every further seed (the goal needs their spread), then the remaining ablation seeds;
-    the slow spatial spec-start DSKD comes last."""
-    cheap, slow = ABLATIONS[:-1], ABLATIONS[-1:]
-    order = [(v, seeds[0]) for v in MAIN + cheap]
-    order += [(v, s) for s in seeds[1:] for v in MAIN]
-    order += [(v, s) for s in seeds[1:] for v in cheap]
-    order += [(v, s) for s in seeds for v in slow]
-    return order
+def tuning_plan() -> list[tuple[str, str, dict[str, Any], str]]:
+    """(config name, method, changes, why) in run order: first configurations of every method first."""
+    for method, configs in GRID.items():
+        if len(configs) > CONFIGS_PER_METHOD:
+            raise ValueError(f"{method} has {len(configs)} configurations, more than {CONFIGS_PER_METHOD}")
+    width = max(len(c) for c in GRID.values())
+    return [(GRID[m][i][0], m, GRID[m][i][1], GRID[m][i][2])
+            for i in range(width) for m in METHOD_ORDER if i < len(GRID[m])]
+
+
+def picks(tuning: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: the chosen configuration by PICK_RULE, or the first one while none is scored.
+
+    Only records made at TUNING_SEED with the configuration's current changes count, so a
+    configuration whose definition changed is simply not scored yet.
+    """
+    out = {}
+    for method in METHOD_ORDER:
+        scored = []
+        for i, (cname, changes, _) in enumerate(GRID[method]):
+            rec = tuning.get(f"{cname}/seed{TUNING_SEED}")
+            if rec and rec.get("method") == method and rec.get("changes") == changes:
+                scored.append((-rec["holdout_top1"], i, cname, changes))
+        complete = len(scored) == len(GRID[method])
+        if scored:
+            _, _, cname, changes = min(scored)
+        else:
+            cname, changes, _ = GRID[method][0]
+        out[method] = {"config": cname, "changes": changes, "tuned": bool(scored), "complete": complete}
+    return out
+
+
+def variants(tuning: dict[str, Any]) -> tuple[list[Variant], list[Variant], list[Variant]]:
+    """(tuned methods, reference-default rows, DSKD ablation) for the cells of one table."""
+    p = picks(tuning)
+
+    def label(m: str) -> str:
+        mark = "" if p[m]["complete"] else (" (tuning incomplete)" if p[m]["tuned"] else " (untuned)")
+        return f"{METHOD_LABELS[m]}, tuned: {p[m]['config']}{mark}"
+
+    main = [Variant(m, m, dict(p[m]["changes"]), label(m)) for m in METHOD_ORDER]
+    refs = [Variant(ref, m, dict(GRID[m][0][1]), f"{METHOD_LABELS[m]}, reference default ({ref})")
+            for m, ref in REFERENCE_ROWS.items()]
+    ablation = [Variant("dskd_nofeat", "dskd", {**p["dskd"]["changes"], **NOFEAT},
+                        f"DSKD ({p['dskd']['config']}) with the feature loss off")]
+    return main, refs, ablation
+
+
+def same_as_pick(v: Variant, main: list[Variant]) -> Variant | None:
+    """The tuned variant a reference row duplicates (same method and options), if any."""
+    return next((m for m in main if m.method == v.method and m.options == v.options and m.name != v.name), None)
+
+
+def cell_order(seeds: tuple[int, ...], tuning: dict[str, Any]) -> list[tuple[Variant, int]]:
+    """Seed by seed, so every row gets its first seed before any gets its third; reference rows
+    that equal the tuned pick are not run again (the table shows the pick's cells for them)."""
+    main, refs, ablation = variants(tuning)
+    rows = main + [v for v in refs if same_as_pick(v, main) is None] + ablation
+    return [(v, s) for s in seeds for v in rows]
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -265,7 +317,8 @@ def teacher_config(b: Budget, data: str):  # type: ignore[no-untyped-def]
     from dskd.trainer import TrainConfig
 
     return TrainConfig(model=b.teacher_model, data=data, epochs=b.teacher_epochs, batch_size=b.batch,
-                       lr=b.lr, weight_decay=b.weight_decay, schedule=b.schedule, precision=b.precision,
+                       lr=b.lr, weight_decay=b.weight_decay, schedule=b.schedule,
+                       precision=b.teacher_precision or b.precision,
                        method="ce", train_subset=b.teacher_subset, seed=0, device=DEVICE)
 
 
@@ -280,15 +333,21 @@ def student_config(b: Budget, data: str, method: str, options: dict[str, Any], s
                        device=DEVICE, eval_every=b.epochs)  # evaluate once, at the end: saves ~15% here
 
 
-def run_teacher(b: Budget, data: str, work: Path, results: Results) -> Path:
-    """Train the teacher once (resumable); later calls reuse its model.pt."""
+def run_teacher(b: Budget, data: str, out: Path, results: Results, shared: bool = False) -> Path:
+    """Train the teacher once (resumable); later calls reuse its model.pt.
+
+    `shared`: the folder belongs to another budget's run (same teacher config); it is only read,
+    never trained here, so two budgets never train one teacher at once.
+    """
     from dskd.trainer import train
 
-    out = work / "teacher"
     cfg = teacher_config(b, data)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if summary is None or summary.get("config") != cfg.to_dict():
+        if shared:
+            raise UserError(f"no finished teacher with this budget's teacher config in {out}: "
+                            "run `python bench/distill_cifar10.py --stage teacher` first")
         print(f"[bench] training teacher {b.teacher_model} -> {out}", flush=True)
         summary = train(cfg, out, resume=True)
     record = {"model": b.teacher_model, "top1": summary["top1"], "train_images": summary["train_images"],
@@ -310,6 +369,12 @@ def run_cell(b: Budget, data: str, teacher: Path, work: Path, variant: Variant, 
 
     kind = "tune" if holdout else "cells"
     out = work / kind / variant.name / f"seed{seed}"
+    if out.exists() and (out / "summary.json").exists():
+        old = json.loads((out / "summary.json").read_text()).get("config", {})
+        if old.get("options") != variant.options:  # the folder holds an earlier definition: start over
+            import shutil
+
+            shutil.rmtree(out)
     cfg = student_config(b, data, variant.method, variant.options, seed, str(teacher), holdout)
     load0 = os.getloadavg()[0]
     summary = train(cfg, out, resume=True)
@@ -331,7 +396,8 @@ def run_cell(b: Budget, data: str, teacher: Path, work: Path, variant: Variant, 
 # -- step costs ----------------------------------------------------------------------------
 
 
-def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) -> dict[str, Any]:
+def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int,
+                  methods: list[Variant]) -> dict[str, Any]:
     """Seconds per optimizer step of every method on the same batch, interleaved in rounds."""
     from dskd.data import augment, load_data
     from dskd.methods import create_distiller
@@ -345,7 +411,7 @@ def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) 
     x = x.contiguous(memory_format=torch.channels_last)
     y = bundle.train_y[idx]
     runners, reports = {}, {}
-    for v in MAIN:
+    for v in methods:
         torch.manual_seed(0)
         t_model, _ = load_teacher(str(teacher), bundle.class_names, 3)
         student = create_model(b.student, num_classes=len(bundle.class_names))
@@ -377,6 +443,7 @@ def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) 
     per_step = {name: min(v) for name, v in times.items()}
     return {
         "batch": b.batch, "steps_per_round": steps, "rounds": rounds, "statistic": "min over rounds",
+        "options": {v.name: v.options for v in methods},
         "s_per_step": {k: round(v, 4) for k, v in per_step.items()},
         "s_per_step_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
         "ratio_vs_ce": {k: round(v / per_step["ce"], 2) for k, v in per_step.items()},
@@ -387,77 +454,40 @@ def measure_costs(b: Budget, data: str, teacher: Path, steps: int, rounds: int) 
     }
 
 
-# -- probe: what the feature loss sees ----------------------------------------------------
+def measure_pair(candidates: list[str], teacher_model: str, batch: int, steps: int) -> dict[str, Any]:
+    """MACs (the project's counter), last feature map and s/step (bf16 and fp32) of candidate students.
 
-
-def probe(b: Budget, data: str, teacher: Path, changes: dict[str, Any], steps: int,
-          every: int) -> list[dict[str, Any]]:
-    """Train DSKD for `steps` steps (seed 0 subset) and measure what its feature loss compares.
-
-    Per checkpoint: loss terms; relative distance of f̂ from f_s (per position and pooled);
-    share of hash bits of f̂ that disagree with f_s's; bit balance of f̂; how far guidance moves
-    f̂ (vs s = 0 on the same noise); the teacher classifier's accuracy on A(f_s) and A(f̂).
+    Why: the cross-family student must be cheap on this CPU; MACs alone mislead (depthwise convs
+    run far below their MAC count, and slower still in bf16 here), so the step is timed as well.
     """
-    import torch.nn.functional as F
+    from dskd.models import count_macs, count_params, create_model
+    from dskd.trainer import autocast_for
 
-    from dskd.data import augment, class_balanced_subset, load_data
-    from dskd.methods import create_distiller
-    from dskd.models import create_model
-    from dskd.trainer import autocast_for, load_teacher
-
-    torch.manual_seed(0)
-    bundle = load_data(data, progress=False)
-    idx = class_balanced_subset(bundle.train_y, b.subset, seed=0)
-    xs, ys = bundle.train_x[idx], bundle.train_y[idx]
-    t_model, _ = load_teacher(str(teacher), bundle.class_names, 3)
-    student = create_model(b.student, num_classes=len(bundle.class_names))
-    d = create_distiller("dskd", student, t_model, {**SPEC_START, **changes}).train()
-    opt = torch.optim.SGD(list(d.trainable_parameters()), lr=b.lr, momentum=0.9, weight_decay=b.weight_decay)
-    gen = torch.Generator().manual_seed(0)
-    total = max(1, b.epochs * (int(b.subset * (1 - b.holdout)) // b.batch))
-    pooled = d.options["lsh_on"] == "pooled"
-    rows = []
-    for step in range(steps + 1):
-        pick = torch.randint(0, len(xs), (b.batch,), generator=gen)
-        x, y = augment(xs[pick], bundle.mean, bundle.std, generator=gen), ys[pick]
-        with autocast_for(b.precision, torch.device("cpu")):
-            _, losses = d(x, y, step / total)
-        if step % every == 0:
-            with torch.no_grad(), autocast_for(b.precision, torch.device("cpu")):
-                z_t, _ = d.teacher_outputs(x)
-                f_s = student.forward_features(x).float()
-            target, noise = d.guidance_target(y, z_t), torch.randn_like(f_s)
-            f0, _ = d.denoise(f_s, target, noise=noise, scale=0.0)
-            f1, _ = d.denoise(f_s, target, noise=noise)
-            with torch.no_grad():
-                def view(f: torch.Tensor) -> torch.Tensor:
-                    return f.mean(dim=(2, 3)) if pooled else f
-
-                def acc(f: torch.Tensor, y: torch.Tensor = y) -> float:
-                    return float((d.teacher_classifier(f).argmax(1) == y).float().mean())
-
-                bits = d.lsh.hash(view(f1)) if d.lsh is not None else None
-                ps, p1 = f_s.mean(dim=(2, 3)), f1.mean(dim=(2, 3))
-                rows.append({
-                    "step": step,
-                    "losses": {k: round(float(v), 3) for k, v in losses.items()},
-                    "feature_norm_per_position": round(float(f_s.norm(dim=1).mean()), 3),
-                    "rel_dist_spatial": round(float((f1 - f_s).norm(dim=1).mean() / f_s.norm(dim=1).mean()), 3),
-                    "rel_dist_pooled": round(float((p1 - ps).norm(dim=1).mean() / ps.norm(dim=1).mean()), 3),
-                    "bits_disagree": None if bits is None else round(float((d.lsh.hash(view(f_s)) != bits).float().mean()), 3),
-                    "bit_balance_min_max": None if bits is None else [
-                        round(float(v), 2) for v in bits.transpose(0, 1).reshape(bits.shape[1], -1).mean(1).aminmax()],
-                    "guidance_shift": round(float((f1 - f0).norm() / f_s.norm()), 4),
-                    "teacher_acc_f_s": round(acc(f_s), 3), "teacher_acc_f_hat_s0": round(acc(f0), 3),
-                    "teacher_acc_f_hat": round(acc(f1), 3),
-                    "teacher_logp_f_s_f_hat": [round(float(F.log_softmax(d.teacher_classifier(f).float(), 1)
-                                                           .gather(1, y[:, None]).mean()), 3) for f in (f_s, f1)],
-                })
-        loss = sum(v.float() for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return rows
+    rows = {}
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    for name in [teacher_model, *candidates]:
+        torch.manual_seed(0)
+        m = create_model(name, 10).to(memory_format=torch.channels_last).train()
+        with torch.no_grad():
+            shape = list(m.eval().forward_features(torch.zeros(1, 3, 32, 32)).shape[1:])
+        m.train()
+        row: dict[str, Any] = {"params": count_params(m), "macs": count_macs(m, 32), "last_map": shape}
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for precision in ("bf16", "fp32"):
+            best = float("inf")
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                with autocast_for(precision, torch.device("cpu")):
+                    loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if i:  # the first step warms up
+                    best = min(best, time.perf_counter() - t0)
+            row[f"s_per_step_{precision}"] = round(best, 4)
+        rows[name] = row
+    return {"batch": batch, "statistic": f"fastest of {steps} steps", "models": rows, "machine": machine_info()}
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -469,133 +499,161 @@ def fmt(m: float, s: float) -> str:
     return f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"
 
 
-def cell_rows(data: dict[str, Any], variants: list[Variant], ce_mean: float) -> list[str]:
-    rows = []
-    for v in variants:
-        cells = sorted((c for c in data["cells"].values() if c["variant"] == v.name), key=lambda c: c["seed"])
+def row_cells(data: dict[str, Any], v: Variant, main: list[Variant]) -> tuple[list[dict[str, Any]], str]:
+    """A row's finished cells (current options only) and a note when it borrows the pick's cells."""
+    src, note = v, ""
+    twin = same_as_pick(v, main)
+    if twin is not None and v not in main:
+        src, note = twin, f" (= tuned pick, same cells as `{twin.name}`)"
+    cells = sorted((c for c in data.get("cells", {}).values()
+                    if c["variant"] == src.name and c.get("changes") == src.options), key=lambda c: c["seed"])
+    return cells, note
+
+
+def cell_rows(data: dict[str, Any], rows: list[Variant], main: list[Variant], ce_mean: float) -> list[str]:
+    out = []
+    for v in rows:
+        cells, note = row_cells(data, v, main)
         accs = [c["top1"] for c in cells]
         m, s = mean_std(accs)
         per_seed = ", ".join(f"{c['top1']:.2f}" for c in cells) or "not run"
         delta = f"{m - ce_mean:+.2f}" if cells and not math.isnan(ce_mean) else "—"
         secs = statistics.fmean(c["train_seconds"] for c in cells) if cells else float("nan")
-        rows.append(f"| {v.label} | {fmt(m, s)} | {len(cells)} | {per_seed} | {delta} | "
-                    + (f"{secs:.0f}" if cells else "—") + " |")
-    return rows
+        loads = [c["load_avg_1m"][0] for c in cells if c.get("load_avg_1m")]
+        load = f"{statistics.fmean(loads):.1f}" if loads else "—"
+        out.append(f"| {v.label}{note} | `{json.dumps(v.options, ensure_ascii=False)}` | {fmt(m, s)} | {len(cells)} | "
+                   f"{per_seed} | {delta} | " + (f"{secs:.0f}" if cells else "—") + f" | {load} |")
+    return out
 
 
-def verdict(data: dict[str, Any], budget: Budget) -> list[str]:
-    """DSKD vs every baseline: mean gap against the larger of the two seed spreads."""
-    by: dict[str, list[float]] = {}
-    per_seed: dict[str, dict[int, float]] = {}
-    for c in data["cells"].values():
-        by.setdefault(c["variant"], []).append(c["top1"])
-        per_seed.setdefault(c["variant"], {})[c["seed"]] = c["top1"]
-    if "dskd" not in by:
+def verdict(data: dict[str, Any], budget: Budget, tuning: dict[str, Any]) -> list[str]:
+    """DSKD vs the best row of every other method (tuned or reference default): the mean gap
+    against the larger of the two seed spreads; and DSKD vs its feature-loss-off ablation."""
+    main, refs, ablation = variants(tuning)
+    by: dict[str, list[dict[str, Any]]] = {v.name: row_cells(data, v, main)[0] for v in main + refs + ablation}
+    dskd = by["dskd"]
+    if not dskd:
         return ["DSKD has no finished cell yet."]
-    dm, ds = mean_std(by["dskd"])
-    lines = []
-    beaten_all = True
-    for v in MAIN[:-1]:
-        if v.name not in by:
-            lines.append(f"- vs {v.name}: not run")
+    dm, ds = mean_std([c["top1"] for c in dskd])
+    d_seed = {c["seed"]: c["top1"] for c in dskd}
+    lines, beaten_all = [], True
+    for method in METHOD_ORDER[:-1]:
+        names = [method] + [r for m, r in REFERENCE_ROWS.items() if m == method]
+        scored = [(mean_std([c["top1"] for c in by[n]]), n) for n in names if by[n]]
+        if not scored:
+            lines.append(f"- vs {method}: not run")
             beaten_all = False
             continue
-        bm, bs = mean_std(by[v.name])
+        (bm, bs), best = max(scored, key=lambda t: t[0][0])
         spread = max(x for x in (ds, bs, 0.0) if not math.isnan(x))
         gap = dm - bm
-        ok = gap > spread and len(by["dskd"]) >= 2 and len(by[v.name]) >= 2
+        ok = gap > spread and len(dskd) >= 2 and len(by[best]) >= 2
         beaten_all &= ok
         # Seed n gives every method the same subset, so per-seed differences are paired.
-        common = sorted(set(per_seed["dskd"]) & set(per_seed[v.name]))
-        diffs = [per_seed["dskd"][k] - per_seed[v.name][k] for k in common]
+        b_seed = {c["seed"]: c["top1"] for c in by[best]}
+        diffs = [d_seed[k] - b_seed[k] for k in sorted(set(d_seed) & set(b_seed))]
         paired = (f"; paired per seed {', '.join(f'{d:+.2f}' for d in diffs)}, "
                   f"DSKD ahead on {sum(d > 0 for d in diffs)}/{len(diffs)}") if diffs else ""
-        lines.append(f"- vs {v.name}: {gap:+.2f} points (larger seed std {spread:.2f}{paired}) → "
+        lines.append(f"- vs {method} (best row: `{best}`): {gap:+.2f} points (larger seed std {spread:.2f}{paired}) → "
                      + ("above by more than the spread" if ok else "NOT above by more than the spread"))
-    missing = [v.name for v in MAIN if len(by.get(v.name, [])) < len(budget.seeds)]
-    head = ("**Goal met**: DSKD is above every baseline by more than the seed spread."
-            if beaten_all else
-            "**Goal not met**: DSKD is not above every baseline by more than the seed spread.")
+    nofeat = by["dskd_nofeat"]
+    if nofeat:
+        gain = dm - mean_std([c["top1"] for c in nofeat])[0]
+        branch_ok = gain >= 1.5
+        lines.append(f"- diffusion + LSH branch (dskd − dskd_nofeat): {gain:+.2f} points → "
+                     + ("meets the ≥ 1.5 goal" if branch_ok else "does NOT meet the ≥ 1.5 goal"))
+    else:
+        branch_ok = False
+        lines.append("- diffusion + LSH branch (dskd − dskd_nofeat): dskd_nofeat not run")
+    missing = [v.name for v in main + ablation if len(by[v.name]) < len(budget.seeds)]
+    head = ("**Goal met**: DSKD is above every other method by more than the seed spread and its branch adds ≥ 1.5."
+            if beaten_all and branch_ok else
+            "**Goal not met**: " + ("DSKD is not above every other method by more than the seed spread"
+                                    if not beaten_all else "DSKD beats every other method")
+            + (", and its diffusion + LSH branch adds < 1.5 points over dskd_nofeat." if not branch_ok
+               else ", and its branch adds ≥ 1.5 points."))
     if missing:
         head += f" (Incomplete: fewer than {len(budget.seeds)} seeds for {', '.join(missing)}.)"
     return [head, "", *lines]
 
 
-def render(data: dict[str, Any], results_path: Path) -> str:
-    b = Budget(**{**data["budget"], "seeds": tuple(data["budget"]["seeds"])})
+def pair_table(title: str, data: dict[str, Any], results_path: Path, tuning: dict[str, Any]) -> list[str]:
+    b = Budget.from_key(data["budget"])
     t = data.get("teacher") or {}
-    m = data.get("machine", {})
     rel = os.path.relpath(results_path, ROOT)
-    ce_mean = mean_std([c["top1"] for c in data["cells"].values() if c["variant"] == "ce"])[0]
+    main, refs, ablation = variants(tuning)
+    ce_cells = row_cells(data, main[0], main)[0]
+    ce_mean = mean_std([c["top1"] for c in ce_cells])[0]
+    stages = data.get("stages", [])
+    return [
+        f"### {title}: `{b.teacher_model}` → `{b.student}` (test top-1 %, mean ± std over seeds)", "",
+        f"From `{rel}`. Teacher `{b.teacher_model}`: **test top-1 "
+        + (f"{t['top1']:.2f}%" if "top1" in t else "— (not recorded in this file yet)") + "** "
+        f"(CE, {b.teacher_subset} images, {b.teacher_epochs} epochs, {b.teacher_precision or b.precision}). "
+        f"Students `{b.student}`: {b.subset} train images, {b.epochs} epochs, batch {b.batch}, lr {b.lr} "
+        f"{b.schedule}, {b.precision}, seeds {', '.join(map(str, b.seeds))}. Load average (1 min) per stage: "
+        + (", ".join(f"{st['stage']} {st['load_avg_1m'][0]}→"
+                     + (f"{st['load_avg_1m'][1]}" if len(st["load_avg_1m"]) > 1 else "(stopped)")
+                     for st in stages[-8:]) or "—") + ".", "",
+        "| method | options | top-1 | seeds | per seed | Δ vs CE | s per run | load at start |",
+        "|---|---|---|---|---|---|---|---|",
+        *cell_rows(data, main + refs + ablation, main, ce_mean), "",
+        *verdict(data, b, tuning), "",
+    ]
+
+
+def render(data: dict[str, Any], results_path: Path, cross: dict[str, Any] | None = None,
+           cross_path: Path | None = None) -> str:
+    b = Budget.from_key(data["budget"])
+    m = data.get("machine", {})
+    tuning = data.get("tuning", {})
+    commands = data.get("commands", []) + (cross or {}).get("commands", [])
     out = [
         SECTION, "",
-        f"Generated by `bench/distill_cifar10.py` from `{rel}` (numbers are not edited by hand; "
-        "only the notes block below is). DSKD here is a **reconstruction** of Wang et al. "
+        "Generated by `bench/distill_cifar10.py --stage render` from the results JSONs (numbers are not "
+        "edited by hand; only the notes block below is). DSKD here is a **reconstruction** of Wang et al. "
         "(arXiv 2602.02107) from the paper's abstract, see [dskd.md](dskd.md).", "",
-        f"- Teacher: `{b.teacher_model}` trained with CE on a class-balanced {b.teacher_subset} images "
-        f"of the train split, {b.teacher_epochs} epochs: **test top-1 {t.get('top1', float('nan')):.2f}%**.",
-        f"- Students: `{b.student}`, every method with the same budget: class-balanced subset of "
-        f"**{b.subset} train images ({100 * b.subset / 50000:.0f}%)**, drawn per seed (seed n → subset n, "
-        f"the same for all methods), {b.epochs} epochs, batch {b.batch}, SGD momentum 0.9, lr {b.lr} "
-        f"{b.schedule}, weight decay {b.weight_decay}, {b.augmentation}, {b.precision}; "
-        f"seeds {', '.join(map(str, b.seeds))}; top-1 on the full 10 000-image test split.",
+        f"- Every method has the same budget: class-balanced subset of **{b.subset} train images "
+        f"({100 * b.subset / 50000:.0f}%)**, drawn per seed (seed n → subset n, the same for all methods), "
+        f"{b.epochs} epochs, batch {b.batch}, SGD momentum 0.9, lr {b.lr} {b.schedule}, weight decay "
+        f"{b.weight_decay}, {b.augmentation}; top-1 on the full 10 000-image test split.",
+        f"- Tuning: every method gets at most **{CONFIGS_PER_METHOD} configurations**, each trained once on "
+        f"{100 * (1 - b.holdout):.0f}% of the seed-{TUNING_SEED} subset and scored on the other "
+        f"{100 * b.holdout:.0f}% ({int(round(b.subset * b.holdout))} held-out train images, never the test "
+        f"split). Pick rule: {PICK_RULE}. The cross-family pair reuses the same-family picks for every method.",
         f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores shared with other jobs, "
-        f"torch {m.get('torch', '?')}, {m.get('torch_threads', '?')} thread(s). "
-        f"Commands: {'; '.join(f'`{c}`' for c in data.get('commands', []))}.", "",
-        "### Students (test top-1 %, mean ± std over seeds)", "",
-        "| method | top-1 | seeds | per seed | Δ vs CE | s per run |", "|---|---|---|---|---|---|",
-        *cell_rows(data, MAIN, ce_mean), "",
-        *verdict(data, b), "",
-        "### DSKD ablations (same budget)", "",
-        "| variant | top-1 | seeds | per seed | Δ vs CE | s per run |", "|---|---|---|---|---|---|",
-        *cell_rows(data, ABLATIONS, ce_mean), "",
+        f"torch {m.get('torch', '?')}, {m.get('torch_threads', '?')} thread(s).",
+        f"- Commands: {'; '.join(f'`{c}`' for c in commands)}.", "",
+        "### Tuning (holdout top-1 %, seed 0)", "",
+        "| method | configuration | changes | why | holdout top-1 | picked | s | load at start |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    tuning = sorted(data.get("tuning", {}).values(), key=lambda r: (r.get("order", 0), r["seed"]))
-    if tuning:
-        out += [
-            "### Choosing DSKD's settings (holdout, never the test split)", "",
-            f"Each row trains DSKD with the budget above on {100 * (1 - b.holdout):.0f}% of the seed's "
-            f"subset and reports top-1 on the other {100 * b.holdout:.0f}% "
-            f"({int(round(b.subset * b.holdout))} held-out train images). "
-            "Changes are relative to the spec's starting values "
-            f"(`{json.dumps(SPEC_START)}`).", "",
-            "| variant | changes | what it tests | holdout top-1 per seed | mean | final loss terms (seed 0) |",
-            "|---|---|---|---|---|---|",
-        ]
-        by_variant: dict[str, list[dict[str, Any]]] = {}
-        for r in tuning:
-            by_variant.setdefault(r["variant"], []).append(r)
-        for vname, runs in by_variant.items():
-            r = runs[0]
-            per_seed = ", ".join(f"{x['holdout_top1']:.1f} (s{x['seed']})" for x in runs)
-            m = statistics.fmean(x["holdout_top1"] for x in runs)
-            losses = ", ".join(f"{k[5:]} {v:.3g}" for k, v in r.get("final_losses", {}).items())
-            out.append(f"| {vname} | `{json.dumps(r['changes'], ensure_ascii=False)}` | {r.get('why', '')} | "
-                       f"{per_seed} | {m:.2f} | {losses} |")
-        out.append("")
-    probes = data.get("probe") or {}
-    if probes:
-        out += [
-            "### Probe: what DSKD's feature loss compares (seed 0, first training steps)", "",
-            "`--stage probe`: DSKD trained for a few steps; at each checkpoint f̂ is sampled again "
-            "with guidance (s as configured) and without (s = 0) from the same noise.", "",
-            "| config | step | ‖f̂−f_s‖/‖f_s‖ per position | pooled | bits of f̂ ≠ bits of f_s | bit balance min–max "
-            "| guidance shift ‖f̂−f̂(s=0)‖/‖f_s‖ | teacher-head acc f_s / f̂(s=0) / f̂ | feature loss |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for pname, entry in probes.items():
-            for row in entry["rows"]:
-                bal = row["bit_balance_min_max"]
-                feat = row["losses"].get("lsh", row["losses"].get("feat_mse", float("nan")))
-                out.append(
-                    f"| {pname} | {row['step']} | {row['rel_dist_spatial']:.2f} | {row['rel_dist_pooled']:.2f} | "
-                    f"{row['bits_disagree'] if row['bits_disagree'] is not None else '—'} | "
-                    f"{f'{bal[0]:.2f}–{bal[1]:.2f}' if bal else '—'} | {row['guidance_shift']:.3f} | "
-                    f"{row['teacher_acc_f_s']:.2f} / {row['teacher_acc_f_hat_s0']:.2f} / {row['teacher_acc_f_hat']:.2f} | "
-                    f"{feat:.3g} |")
-        out.append("")
+    p = picks(tuning)
+    for cname, method, changes, why in sorted(tuning_plan(), key=lambda r: METHOD_ORDER.index(r[1])):
+        rec = tuning.get(f"{cname}/seed{TUNING_SEED}")
+        ok = rec is not None and rec.get("changes") == changes
+        score = f"{rec['holdout_top1']:.2f}" if ok else "not run"
+        secs = f"{rec['train_seconds']:.0f}" if ok else "—"
+        load = f"{rec['load_avg_1m'][0]}" if ok and rec.get("load_avg_1m") else "—"
+        mark = "**✓**" if p[method]["tuned"] and p[method]["config"] == cname else ""
+        out.append(f"| {method} | {cname} | `{json.dumps(changes, ensure_ascii=False)}` | {why} | {score} | "
+                   f"{mark} | {secs} | {load} |")
+    out.append("")
+    out += pair_table("Same-family pair", data, results_path, tuning)
+    if cross is not None and cross_path is not None:
+        out += pair_table("Cross-family pair", cross, cross_path, tuning)
+        pair = cross.get("pair_choice")
+        if pair:
+            out += ["#### Choosing the cross-family student (`--stage pair`)", "",
+                    "| model | params | MACs (M) | last feature map | s/step bf16 | s/step fp32 |",
+                    "|---|---|---|---|---|---|"]
+            for name, r in pair["models"].items():
+                out.append(f"| {name} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {'×'.join(map(str, r['last_map']))} "
+                           f"| {r['s_per_step_bf16']:.3f} | {r['s_per_step_fp32']:.3f} |")
+            out += ["", f"Batch {pair['batch']}, {pair['statistic']}, load average "
+                        f"{pair['machine'].get('load_avg_1m')} when measured.", ""]
     cost = data.get("cost") or {}
-    if cost:
+    if cost and "options" in cost:
         cr = cost["dskd_cost_report"]
         out += [
             "### Training cost (same teacher/student pair, same process, same batch)", "",
@@ -607,17 +665,10 @@ def render(data: dict[str, Any], results_path: Path) -> str:
         ]
         for name, sec in cost["s_per_step"].items():
             med = cost.get("s_per_step_median", {}).get(name, float("nan"))
-            out.append(f"| {name} | {sec:.3f} ({med:.3f}) | {cost['ratio_vs_ce'][name]:.2f} | {cost['ratio_vs_kd'][name]:.2f} | "
-                       f"{cost['training_only_params'].get(name, 0):,} |")
-        out += [
-            "",
-            f"DSKD's denoiser: **{cr['denoiser_params']:,} parameters**, {cr['denoiser_macs_per_call'] / 1e6:.2f} M MACs "
-            f"per call × {cr['denoiser_calls_per_step']} calls per step = {cr['denoiser_macs_per_step'] / 1e6:.2f} M MACs "
-            f"per sample, next to the teacher's {cr['teacher_params']:,} parameters and "
-            f"{cr['teacher_macs'] / 1e6:.1f} M MACs per forward (student: {cr['student_macs'] / 1e6:.1f} M MACs). "
-            f"All DSKD training-only modules: {cr['training_only_params']:,} parameters; none reach the saved student.",
-            "",
-        ]
+            out.append(f"| {name} | {sec:.3f} ({med:.3f}) | {cost['ratio_vs_ce'][name]:.2f} | "
+                       f"{cost['ratio_vs_kd'][name]:.2f} | {cost['training_only_params'].get(name, 0):,} |")
+        out += ["", f"DSKD's training-only modules: {cr['training_only_params']:,} parameters; none reach "
+                    "the saved student.", ""]
     out += [NOTES_START, "", NOTES_END, ""]
     return "\n".join(out)
 
@@ -648,14 +699,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the budget's student epochs")
     p.add_argument("--subset", type=int, help="override the budget's student subset (images)")
     p.add_argument("--seeds", type=str, help="override the budget's seeds, e.g. 0,1,2")
-    p.add_argument("--stage", choices=("all", "teacher", "cost", "cells", "tune", "probe", "render"), default="all")
-    p.add_argument("--tune-seeds", type=str, default="0", help="seeds of --stage tune, e.g. 0,1")
-    p.add_argument("--only", type=str, help="comma-separated variant names to run (cells or tune)")
+    p.add_argument("--stage", choices=("all", "teacher", "cost", "cells", "tune", "pair", "render"), default="all")
+    p.add_argument("--only", type=str, help="comma-separated variant / configuration names to run (cells or tune)")
     p.add_argument("--shard", type=str, default="0/1", help="K/N: run every N-th pending cell from K")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new cell after this long")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded 2-core box)")
-    p.add_argument("--probe-steps", type=int, default=100)
-    p.add_argument("--probe-every", type=int, default=25)
     p.add_argument("--cost-steps", type=int, default=5)
     p.add_argument("--cost-rounds", type=int, default=6)
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -663,9 +711,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cuda: train cells on a GPU, into distill_cifar10_BUDGET_cuda.json (docs untouched)")
     p.add_argument("--work", type=Path, default=None, help="run folders (default runs/distill_cifar10/BUDGET)")
     p.add_argument("--results", type=Path, default=None)
+    p.add_argument("--picks-from", type=Path, default=None,
+                   help="results JSON whose tuning sets the picks (default: the budget's own, or for a "
+                        "cross budget the same-family file)")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     return p.parse_args(argv)
+
+
+def results_file(name: str) -> Path:
+    return ROOT / "bench" / "results" / ("distill_cifar10.json" if name == "default" else f"distill_cifar10_{name}.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -684,65 +739,101 @@ def main(argv: list[str] | None = None) -> int:
         overrides["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     b = dataclasses.replace(b, **overrides)
     name = args.budget + ("" if not overrides else "_custom") + ("" if DEVICE == "cpu" else f"_{DEVICE}")
-    default_results = "distill_cifar10.json" if name == "default" else f"distill_cifar10_{name}.json"
-    results_path = args.results or ROOT / "bench" / "results" / default_results
+    results_path = args.results or results_file(name)
     work = args.work or ROOT / "runs" / "distill_cifar10" / name
+    shares = SHARES_WITH.get(args.budget)
+    teacher_dir = work / "teacher"
+    if shares and args.work is None:
+        teacher_dir = ROOT / "runs" / "distill_cifar10" / shares / "teacher"
+    picks_path = args.picks_from or (results_file(shares) if shares and args.results is None else results_path)
     command = "python bench/distill_cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = Results(results_path, name, b, command.strip())
     data = data_spec(args.data)
     k, n = (int(v) for v in args.shard.split("/"))
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
+    stage_id = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}/{os.getpid()}"
 
     def time_left() -> bool:
         return args.max_minutes is None or (time.monotonic() - started) / 60 < args.max_minutes
 
+    def log_stage(done: bool) -> None:
+        """Each stage's command and the load average at its start and end, in the results JSON."""
+        def fn(d: dict[str, Any]) -> None:
+            log = d.setdefault("stages", [])
+            entry = next((e for e in log if e.get("id") == stage_id), None)
+            if entry is None:
+                entry = {"id": stage_id, "stage": args.stage, "command": command.strip(),
+                         "load_avg_1m": [round(os.getloadavg()[0], 2)]}
+                log.append(entry)
+            if done:
+                entry["load_avg_1m"].append(round(os.getloadavg()[0], 2))
+                entry["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        results.update(fn)
+
+    def tuning() -> dict[str, Any]:
+        if picks_path == results_path:
+            return results.load().get("tuning", {})
+        if not picks_path.exists():
+            raise UserError(f"{picks_path}: no tuning results to take the picks from; run "
+                            "`python bench/distill_cifar10.py --stage tune` first or pass --picks-from FILE")
+        return json.loads(picks_path.read_text()).get("tuning", {})
+
     try:
+        if args.stage == "tune" and picks_path != results_path:
+            raise UserError(f"--budget {args.budget} reuses the picks of {os.path.relpath(picks_path, ROOT)}; "
+                            "tune with that budget instead")
         if args.stage != "render":
-            teacher = run_teacher(b, data, work, results)
+            log_stage(False)
+        if args.stage == "pair":
+            pair = measure_pair(["resnet8", "mobilenetv2", "shufflenetv2"], b.teacher_model, b.batch, 3)
+            results.update(lambda d: d.__setitem__("pair_choice", pair))
+        elif args.stage != "render":
+            teacher = run_teacher(b, data, teacher_dir, results, shared=teacher_dir != work / "teacher")
         if args.stage in ("all", "cost") and n == 1:
             if args.stage == "cost" or not (results.load().get("cost")):
-                cost = measure_costs(b, data, teacher, args.cost_steps, args.cost_rounds)
+                main_variants = variants(tuning())[0]
+                cost = measure_costs(b, data, teacher, args.cost_steps, args.cost_rounds, main_variants)
                 results.update(lambda d: d.__setitem__("cost", cost))
                 print(f"[bench] s/step {cost['s_per_step']}", flush=True)
-        if args.stage in ("all", "cells"):
-            plan = [(v, s) for v, s in cell_order(b.seeds) if only is None or v.name in only]
-            mine = plan[k::n]  # by position in the full plan, so shards never overlap
-            for v, s in mine:
-                if f"{v.name}/seed{s}" in results.load().get("cells", {}):
+        if args.stage in ("all", "tune") and picks_path == results_path:
+            plan = [r for r in tuning_plan() if only is None or r[0] in only]
+            for cname, method, changes, why in plan[k::n]:
+                key = f"{cname}/seed{TUNING_SEED}"
+                old = results.load().get("tuning", {}).get(key)
+                if old is not None and old.get("changes") == changes and old.get("method") == method:
                     continue
                 if not time_left():
                     print("[bench] --max-minutes reached; rerun to continue", flush=True)
                     break
-                print(f"[bench] cell {v.name} seed {s}", flush=True)
+                print(f"[bench] tune {cname} ({method})", flush=True)
+                rec = run_cell(b, data, teacher, work, Variant(cname, method, changes), TUNING_SEED, holdout=b.holdout)
+                rec.update(why=why)
+                results.update(lambda d, rec=rec, key=key: d["tuning"].__setitem__(key, rec))
+                print(f"[bench] tune {cname}: holdout top-1 {rec['holdout_top1']:.2f}", flush=True)
+        if args.stage in ("all", "cells"):
+            plan = [(v, s) for v, s in cell_order(b.seeds, tuning()) if only is None or v.name in only]
+            mine = plan[k::n]  # by position in the full plan, so shards never overlap
+            for v, s in mine:
+                old = results.load().get("cells", {}).get(f"{v.name}/seed{s}")
+                if old is not None and old.get("changes") == v.options and old.get("method") == v.method:
+                    continue
+                if not time_left():
+                    print("[bench] --max-minutes reached; rerun to continue", flush=True)
+                    break
+                print(f"[bench] cell {v.name} seed {s} {json.dumps(v.options)}", flush=True)
                 rec = run_cell(b, data, teacher, work, v, s)
                 results.update(lambda d, rec=rec, key=f"{v.name}/seed{s}": d["cells"].__setitem__(key, rec))
                 print(f"[bench] {v.name} seed {s}: top-1 {rec['top1']:.2f} ({rec['train_seconds']:.0f} s)", flush=True)
-        if args.stage == "tune":
-            done = results.load().get("tuning", {})
-            for order, (vname, changes, why) in enumerate(TUNING):
-                for s in (int(v) for v in args.tune_seeds.split(",")):
-                    if (only is not None and vname not in only) or f"{vname}/seed{s}" in done:
-                        continue
-                    if not time_left():
-                        break
-                    v = Variant(vname, "dskd", {**SPEC_START, **changes})
-                    print(f"[bench] tune {vname} seed {s}", flush=True)
-                    rec = run_cell(b, data, teacher, work, v, s, holdout=b.holdout)
-                    rec.update(changes=changes, why=why, order=order)
-                    results.update(lambda d, rec=rec, key=f"{vname}/seed{s}": d["tuning"].__setitem__(key, rec))
-                    print(f"[bench] tune {vname} seed {s}: holdout top-1 {rec['holdout_top1']:.2f}", flush=True)
-        if args.stage == "probe":
-            for pname, changes in PROBES.items():
-                if only is not None and pname not in only:
-                    continue
-                print(f"[bench] probe {pname}", flush=True)
-                rows = probe(b, data, teacher, changes, args.probe_steps, args.probe_every)
-                entry = {"changes": changes, "rows": rows}
-                results.update(lambda d, e=entry, key=pname: d.setdefault("probe", {}).__setitem__(key, e))
-        final = results.update(lambda d: None)
-        if not args.no_docs and name == "default" or args.stage == "render":
-            write_docs(render(final, results_path), args.docs)
+        if args.stage != "render":
+            log_stage(True)
+        final = results.update(lambda d: None) if args.stage != "render" else results.load()
+        if (not args.no_docs and name == "default") or args.stage == "render":
+            if not final:
+                raise UserError(f"{results_path}: no results to render yet; run a stage first")
+            cross_path = results_file("cross")
+            cross = json.loads(cross_path.read_text()) if name == "default" and cross_path.exists() else None
+            write_docs(render(final, results_path, cross, cross_path), args.docs)
             print(f"[bench] wrote {args.docs}", flush=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

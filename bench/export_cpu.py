@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from deploy_targets.remote.dskd_runner.environment import cpu_model  # noqa: E402
 from dskd.atomic import write_json  # noqa: E402
 from dskd.checkpoint import build_model, file_sha256  # noqa: E402
 from dskd.errors import UserError  # noqa: E402
@@ -54,14 +55,7 @@ GOAL_OV_INT8_SPEEDUP = 3.0  # vs torch eager FP32, batch 1
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()  # the same reading the device runner records
     flags = cpu_flags()
     isa = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                           "amx_bf16", "amx_int8", "amx_tile"})

@@ -13,7 +13,12 @@ Checks:
 - onnx-builder: a random resnet8 student -> ONNX -> TensorRT FP16 engine through the Python API
   (export.tensorrt_build) -> measured by the runner (target x86-gpu);
 - torch-tensorrt-builder: the same student -> the device build kit (export.torch_trt) ->
-  build_torch_trt.py --precision fp16 -> measured by the runner.
+  build_torch_trt.py --precision fp16 -> measured by the runner;
+- torch-tensorrt-ep: build_torch_trt.py --ep -> the Torch-TensorRT ExportedProgram measured by the
+  runner through torch_tensorrt.load.
+
+Nothing here has run yet (no CUDA machine with TensorRT or torch-tensorrt was available): when it
+does, its JSON is the first record of those paths on real hardware, to be cited in the README.
 """
 
 from __future__ import annotations
@@ -115,6 +120,32 @@ def torch_trt_builder(work: Path, env: dict[str, Any]) -> dict[str, Any]:
                {"measured": False, "why": "pycuda absent: the runner's TensorRT backend needs it"})}
 
 
+def torch_trt_ep(work: Path, env: dict[str, Any]) -> dict[str, Any]:
+    if not (env["cuda_available"] and env["modules"]["torch_tensorrt"]["present"]):
+        return {"ran": False, "why": "needs CUDA and torch_tensorrt here (see environment)"}
+    import numpy as np
+
+    from deploy_targets import Protocol, measure, write_eval_npz
+    from dskd.checkpoint import build_model
+    from export.torch_trt import build_command, ep_file, write_kit
+
+    kit = work / "torch_trt_kit"
+    write_kit(_student(work), kit, ["fp16"], batches=(1, 8, 64), device="cuda")
+    proc = subprocess.run(build_command(sys.executable, "fp16", ep=True), cwd=kit, capture_output=True, text=True,
+                          timeout=1800, check=False)
+    if proc.returncode != 0 or not (kit / ep_file("fp16")).is_file():
+        return {"ran": True, "ok": False, "exit": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+    model, _ = build_model(_student(work))
+    x = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    ref = model(__import__("torch").from_numpy(((x / 255.0 - 0.5) / 0.25).astype(np.float32))).argmax(1).numpy()
+    ev = write_eval_npz(work / "eval.npz", x, ref, [0.5] * 3, [0.25] * 3, ref_pred=ref)
+    m = measure(kit / ep_file("fp16"), "x86-gpu", eval_set=ev, precision="fp16", batch_sizes=(1, 8),
+                protocol=Protocol(warmup_seconds=0.5, min_iters=100, min_seconds=1.0))
+    return {"ran": True, "ok": True, "runtime": m.runtime, "p50_ms_batch1": m.latency_at(1)["p50_ms"],
+            "agreement_with_pytorch": m.accuracy.get("agreement"),
+            "runtime_version": m.environment.get("runtime_version")}
+
+
 def main() -> int:
     from dskd import atomic
 
@@ -129,7 +160,7 @@ def main() -> int:
     env = environment()
     report["environment"] = env
     checks: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
-        "onnx-builder": onnx_builder, "torch-tensorrt-builder": torch_trt_builder}
+        "onnx-builder": onnx_builder, "torch-tensorrt-builder": torch_trt_builder, "torch-tensorrt-ep": torch_trt_ep}
     for name, fn in checks.items():
         try:
             report["checks"][name] = fn(work / name, env)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from dskd.errors import UserError
 
-FORMATS = ("onnx", "onnx-qdq", "openvino-ir", "trt-engine")
+FORMATS = ("onnx", "onnx-qdq", "openvino-ir", "trt-engine", "torch-trt-ep")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+EP_SUFFIX = ".ep"  # a Torch-TensorRT ExportedProgram (torch_tensorrt.save), format "torch-trt-ep"
 # Ops that only appear in quantized ONNX graphs (QDQ or QOperator style).
 _QUANT_OPS = {
     "QuantizeLinear",
@@ -37,7 +38,7 @@ def _onnx_is_quantized(path: Path) -> bool:
 
 
 def artifact_format(path: str | Path) -> str:
-    """onnx | onnx-qdq | openvino-ir | trt-engine; UserError for anything else."""
+    """onnx | onnx-qdq | openvino-ir | trt-engine | torch-trt-ep; UserError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist: export it first or fix the path")
@@ -52,9 +53,11 @@ def artifact_format(path: str | Path) -> str:
         return "openvino-ir"
     if suffix in ENGINE_SUFFIXES:
         return "trt-engine"
+    if suffix == EP_SUFFIX:
+        return "torch-trt-ep"
     raise UserError(
-        f"artifact {path}: unknown format {suffix or '(no suffix)'}: expected .onnx, .xml (OpenVINO IR) "
-        f"or {'/'.join(ENGINE_SUFFIXES)} (TensorRT engine)"
+        f"artifact {path}: unknown format {suffix or '(no suffix)'}: expected .onnx, .xml (OpenVINO IR), "
+        f"{'/'.join(ENGINE_SUFFIXES)} (TensorRT engine) or {EP_SUFFIX} (Torch-TensorRT program)"
     )
 
 
@@ -108,6 +111,9 @@ def detected_precision(path: str | Path, fmt: str) -> str | None:
     if fmt == "openvino-ir":
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         return "int8" if 'type="FakeQuantize"' in text or 'type="FakeConvert"' in text else "fp32"
+    if fmt == "torch-trt-ep":  # export/torch_trt.py names it model.<precision>.ep
+        middle = Path(path).suffixes[-2:-1]
+        return middle[0][1:] if middle and middle[0][1:] in ("fp16", "int8", "fp32") else None
     return None
 
 

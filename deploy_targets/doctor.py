@@ -47,6 +47,9 @@ from .ssh import DeviceSpec, SshClient, SshOptions, parse_device, run_bounded
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 PROBE_TIMEOUT_S = 120.0  # importing torch-tensorrt on a Jetson takes a while
 STATE_TIMEOUT_S = 30.0
+# Prefix of the board files and tools the board-state probe reads around every measurement:
+# "" on a real device; tests point it at a FAKE Jetson file system (tests/fakes/jetson.py).
+BOARD_ROOT = ""
 MIN_FREE_MIB = 256  # runner + artifact + eval set, or an engine build kit with its engines
 THROTTLE_MARGIN_C = 5.0  # this close to a passive trip point counts as throttling risk
 # NVIDIA's JetPack releases by L4T version, for boards without the nvidia-jetpack meta-package
@@ -315,12 +318,13 @@ def _run_script(script: str, spec: DeviceSpec | None, ssh: SshOptions | None, ti
 
 
 def board_state(target: str | Target, device: str | DeviceSpec | None = None, *,
-                ssh: SshOptions | None = None, root: str = "") -> dict[str, Any] | None:
+                ssh: SshOptions | None = None, root: str | None = None) -> dict[str, Any] | None:
     """Power mode, clock state and temperatures of a Jetson target now (None for other targets).
 
     Best effort: a probe that fails returns {"error": ...} instead of raising, since it only
-    annotates a measurement.
+    annotates a measurement. `root` defaults to BOARD_ROOT.
     """
+    root = BOARD_ROOT if root is None else root
     tgt = target if isinstance(target, Target) else get_target(target)
     if tgt.reach != REACH_LOCAL_OR_SSH:
         return None

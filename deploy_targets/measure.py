@@ -31,11 +31,13 @@ from .artifacts import (
 from .errors import DeviceError
 from .evalset import check_eval_npz
 from .registry import REACH_LOCAL, REACH_SSH, Target, get_target, is_jetson, remote_python_command
-from .remote import runner
-from .remote.runner import Protocol
+from .remote.dskd_runner import protocol as wire
+from .remote.dskd_runner.protocol import Protocol
+from .runner_command import interpret_exit, runner_args
 from .ssh import DeviceSpec, SshClient, SshOptions, parse_device, run_bounded
 
 RESULT_NAME = "result.json"
+ALL_CORES = "all"  # threads = "all": every physical core of the machine that measures
 # The remote `timeout` kills the runner this long after TERM if it ignores it.
 KILL_GRACE_S = 5
 # Extra time the local ssh process gets beyond the remote timeout before it is killed.
@@ -61,7 +63,7 @@ class Measurement:
     environment: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     measured_at: str = ""
-    format: str = runner.RESULT_FORMAT
+    format: str = wire.RESULT_FORMAT
     # threads, threads_policy, streams, hint, binding of the latency numbers, the mode hint
     # and throughput streams asked for: what a device needs to reproduce them
     runtime_config: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +98,33 @@ class Measurement:
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def threads_setting(value: int | str | None, target: Target) -> int:
+    """The runner's --threads: None = the target's default (1 on cpu/intel-cpu, all cores on
+    ssh-cpu, unused on GPUs); "all" or 0 = every physical core of the machine that measures
+    (the runner resolves it there, wire.THREADS_ALL); n >= 1 = n. Bad values: one line."""
+    if value is None:
+        value = target.threads
+        if value is None:  # a GPU target: threads unused
+            return 1
+    shown = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == ALL_CORES:
+            return wire.THREADS_ALL
+        value = int(text) if text.isdigit() else -1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(
+            f"--threads {shown}: must be a thread count >= 1, or \"{ALL_CORES}\" (or 0) for all physical cores"
+        )
+    return int(value)
+
+
+def runtime_for(target: Target, fmt: str) -> str:
+    """The runtime that opens `fmt` on `target`: a Torch-TensorRT program (.ep) on a TensorRT
+    target runs through torch_tensorrt.load, everything else with the target's runtime."""
+    return "torch-tensorrt" if fmt == "torch-trt-ep" else target.runtime
 
 
 def resolve_where(target: Target, device: str | DeviceSpec | None) -> DeviceSpec | None:
@@ -190,98 +219,6 @@ def _batch_sizes(values: Any) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def runner_args(
-    *,
-    artifact: str,
-    runtime: str,
-    precision: str,
-    threads: int,
-    batch_sizes: list[int],
-    protocol: Protocol,
-    out: str,
-    eval_path: str | None = None,
-    eval_batch_size: int = 64,
-    input_shape: tuple[int, ...] | None = None,
-    trtexec: str | None = None,
-    timeout_s: float = 900.0,
-    cpu_affinity: tuple[int, ...] | None = None,
-    hint: str = "latency",
-    streams: int = 0,
-    image_path: str | None = None,
-) -> list[str]:
-    """The runner's command-line arguments (after `python runner.py`)."""
-    args = [
-        "--artifact", artifact, "--runtime", runtime, "--precision", precision,
-        "--threads", str(threads), "--batch-sizes", ",".join(map(str, batch_sizes)),
-        "--warmup-seconds", repr(float(protocol.warmup_seconds)),
-        "--min-iters", str(int(protocol.min_iters)),
-        "--min-seconds", repr(float(protocol.min_seconds)),
-        "--max-seconds", repr(float(protocol.max_seconds)),
-        "--cov-warn", repr(float(protocol.cov_warn)),
-        "--min-cpu-share", repr(float(protocol.min_cpu_share)),
-        "--contention-retries", str(int(protocol.contention_retries)),
-        "--max-other-cpu", repr(float(protocol.max_other_cpu)),
-        "--eval-batch-size", str(int(eval_batch_size)),
-        "--timeout", repr(float(timeout_s)),
-        "--hint", hint, "--streams", str(int(streams)),
-        "--out", out,
-    ]  # fmt: skip
-    if eval_path:
-        args += ["--eval", eval_path]
-    if input_shape:
-        args += ["--input-shape", ",".join(map(str, input_shape))]
-    if trtexec:
-        args += ["--trtexec", trtexec]
-    if cpu_affinity:
-        args += ["--cpu-affinity", ",".join(map(str, cpu_affinity))]
-    if image_path:
-        args += ["--image", image_path]
-    return args
-
-
-def interpret_exit(
-    where: str, returncode: int, stderr: str, python: str, timeout_s: float
-) -> UserError:
-    """The runner's (or the remote shell's) exit status as one actionable error."""
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    runner_line = next((ln for ln in reversed(lines) if ln.startswith(runner.ERROR_PREFIX)), None)
-    detail = (
-        runner_line[len(runner.ERROR_PREFIX) :].strip()
-        if runner_line
-        else (lines[-1] if lines else "")
-    )
-    detail = detail.split(": ", 1)[1] if runner_line and ": " in detail else detail
-    if "no space left" in stderr.lower():
-        return DeviceError(
-            where, "disk full: free space in the temp folder or choose another with remote_tmp (recipe target.remote_tmp)"
-        )
-    if returncode == runner.EXIT_MISSING_MODULE:
-        return DeviceError(where, f"missing runtime: {detail}")
-    if returncode < 0:
-        return DeviceError(
-            where,
-            f"the runner was killed by signal {-returncode} (out of memory?): "
-            "lower --batch-sizes or the eval batch size, or free memory",
-        )
-    if returncode in (124, 137):  # coreutils `timeout`: TERM sent / KILL needed
-        return DeviceError(
-            where,
-            f"measurement did not finish within {timeout_s:.0f} s and was stopped: "
-            "raise the timeout or lower --min-seconds/--batch-sizes",
-        )
-    if returncode in (126, 127):
-        return DeviceError(
-            where,
-            f"python {python!r} not found or not executable: install python3 there "
-            "or set the device's python",
-        )
-    if returncode == runner.EXIT_RUNTIME_FAILURE:
-        return DeviceError(where, f"the runtime failed: {detail}")
-    if returncode in (runner.EXIT_BAD_INPUT, runner.EXIT_USAGE):
-        return UserError(f"{where}: {detail}")
-    return DeviceError(where, f"runner exited with status {returncode}: {detail or 'no message'}")
-
-
 def measure(
     artifact: str | Path,
     target: str | Target,
@@ -290,7 +227,7 @@ def measure(
     device: str | DeviceSpec | None = None,
     precision: str | None = None,
     batch_sizes: Any = (1,),
-    threads: int | None = None,
+    threads: int | str | None = None,
     protocol: Protocol | None = None,
     eval_batch_size: int = 64,
     input_shape: tuple[int, ...] | None = None,
@@ -310,7 +247,8 @@ def measure(
     device problems raise one-line UserError/DeviceError naming the fix. `threads` and
     `cpu_affinity` default to the target's; `ssh`, `remote_python` (the device's python,
     flags allowed) and `remote_tmp` (base of the private temp folder) apply to devices.
-    `threads` 0 means all physical cores of the machine that measures. `hint` "throughput"
+    `threads` "all" (or 0) means all physical cores of the machine that measures, resolved
+    there and recorded as the count (Measurement.threads, runtime_config.threads_policy). `hint` "throughput"
     adds images/s at the largest batch size with `streams` streams (0: the runtime's
     choice); both default to the target's. `image` (JPEG/PNG) is the image whose
     decode+resize+normalize is timed (default: the eval set's first image as a PNG).
@@ -321,16 +259,12 @@ def measure(
     precision = _check_precision(tgt, fmt, path, precision)
     sizes = _batch_sizes(batch_sizes)
     protocol = protocol or Protocol()
-    threads = tgt.threads if threads is None else threads
-    threads = 1 if threads is None else int(threads)  # None: a GPU target, threads unused
-    if threads < 0 or eval_batch_size < 1:
-        raise UserError(
-            f"--threads {threads}: must be >= 1 (or 0 for all physical cores); "
-            "the eval batch size must be >= 1"
-        )
+    threads = threads_setting(threads, tgt)
+    if eval_batch_size < 1:
+        raise UserError(f"eval batch size {eval_batch_size}: must be >= 1")
     hint = (tgt.hint if hint is None else str(hint)).lower()
-    if hint not in runner.HINTS:
-        raise UserError(f"hint {hint!r}: choose {' or '.join(runner.HINTS)}")
+    if hint not in wire.HINTS:
+        raise UserError(f"hint {hint!r}: choose {' or '.join(wire.HINTS)}")
     streams = int(tgt.streams if streams is None else streams)
     if streams < 0:
         raise UserError(f"streams {streams}: must be >= 0 (0: the runtime's choice)")
@@ -342,8 +276,9 @@ def measure(
         raise UserError(f"timeout {timeout_s}: must be > 0 seconds")
     spec = resolve_where(tgt, device)
     sha = sha256_of(path)
+    runtime = runtime_for(tgt, fmt)
     common = dict(
-        runtime=tgt.runtime,
+        runtime=runtime,
         precision=precision,
         threads=threads,
         batch_sizes=sizes,
@@ -376,7 +311,7 @@ def measure(
         result["environment"]["reached_over"] = "ssh"
     attach_board_state(result, board_before, board_state(tgt, spec, ssh=ssh))
     return Measurement(
-        target=tgt.name, runtime=tgt.runtime, precision=precision, artifact=str(path),
+        target=tgt.name, runtime=runtime, precision=precision, artifact=str(path),
         artifact_format=fmt, artifact_sha256=sha, where=where, threads=int(result.get("threads") or threads), batch_sizes=sizes,
         protocol=result["protocol"], latency=result["latency"], accuracy=result["accuracy"],
         environment=result["environment"], warnings=list(result.get("warnings", [])),
@@ -393,10 +328,10 @@ def _read_result(path: Path, where: str) -> dict[str, Any]:
         raise DeviceError(
             where, f"the runner's result is missing or unreadable ({exc}): rerun"
         ) from exc
-    if data.get("format") != runner.RESULT_FORMAT:
+    if data.get("format") != wire.RESULT_FORMAT:
         raise DeviceError(
             where,
-            f"the runner wrote format {data.get('format')!r}, expected {runner.RESULT_FORMAT}",
+            f"the runner wrote format {data.get('format')!r}, expected {wire.RESULT_FORMAT}",
         )
     return data
 
@@ -417,7 +352,8 @@ def _run_local(
             image_path=str(Path(image).resolve()) if image else None,
             **common,
         )
-        res = run_bounded([sys.executable, str(remote.RUNNER_PATH), *args], timeout_s)
+        staged = remote.stage_runner(tmp)  # the same two files a device gets
+        res = run_bounded([sys.executable, str(staged[0]), *args], timeout_s)
         if res.timed_out:
             raise interpret_exit("local", 124, res.stderr, sys.executable, timeout_s)
         if res.returncode != 0:
@@ -437,42 +373,43 @@ def _run_remote(
     timeout_s: float,
 ) -> dict:
     extras = [Path(p) for p in (eval_set, image) if p]
-    uploads = [*files, *extras, *remote.REMOTE_FILES]
-    names = [p.name for p in uploads]
-    if len(set(names)) != len(names):
-        raise UserError(
-            f"files to copy share a name ({', '.join(names)}): rename the artifact or eval set"
-        )
-    python = remote_python_command(remote_python)
-    client = SshClient(spec, ssh)
-    where = str(spec)
-    need_kib = sum(p.stat().st_size for p in uploads) // 1024 + 1024
-    with client.workdir(remote_tmp) as (workdir, free_kib):
-        if free_kib is not None and free_kib < need_kib:
-            raise DeviceError(
-                where,
-                f"disk full: {workdir} has {free_kib // 1024} MiB free, needs "
-                f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp (recipe target.remote_tmp)",
+    with tempfile.TemporaryDirectory(prefix="dskd-runner-") as stage:  # runner.py + dskd_runner.zip
+        uploads = [*files, *extras, *remote.stage_runner(stage)]
+        names = [p.name for p in uploads]
+        if len(set(names)) != len(names):
+            raise UserError(
+                f"files to copy share a name ({', '.join(names)}): rename the artifact or eval set"
             )
-        upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
-        client.upload(uploads, workdir, timeout_s=upload_timeout)
-        args = runner_args(
-            artifact=f"./{files[0].name}",  # ./: a name starting with '-' stays a file name
-            out=RESULT_NAME,
-            eval_path=f"./{Path(eval_set).name}" if eval_set else None,
-            image_path=f"./{Path(image).name}" if image else None,
-            **common,
-        )
-        run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"
-        limit = int(timeout_s) + 1
-        cmd = (
-            f"cd {shlex.quote(workdir)} && if command -v timeout >/dev/null 2>&1; "
-            f"then exec timeout -k {KILL_GRACE_S} {limit} {run}; else exec {run}; fi"
-        )
-        res = client.run(cmd, timeout_s=limit + KILL_GRACE_S + SSH_MARGIN_S, what="the measurement")
-        if res.returncode != 0:
-            raise interpret_exit(where, res.returncode, res.stderr, remote_python, timeout_s)
-        with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
-            local = Path(tmp) / RESULT_NAME
-            client.download(f"{workdir}/{RESULT_NAME}", local, timeout_s=60)
-            return _read_result(local, where)
+        python = remote_python_command(remote_python)
+        client = SshClient(spec, ssh)
+        where = str(spec)
+        need_kib = sum(p.stat().st_size for p in uploads) // 1024 + 1024
+        with client.workdir(remote_tmp) as (workdir, free_kib):
+            if free_kib is not None and free_kib < need_kib:
+                raise DeviceError(
+                    where,
+                    f"disk full: {workdir} has {free_kib // 1024} MiB free, needs "
+                    f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp (recipe target.remote_tmp)",
+                )
+            upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
+            client.upload(uploads, workdir, timeout_s=upload_timeout)
+            args = runner_args(
+                artifact=f"./{files[0].name}",  # ./: a name starting with '-' stays a file name
+                out=RESULT_NAME,
+                eval_path=f"./{Path(eval_set).name}" if eval_set else None,
+                image_path=f"./{Path(image).name}" if image else None,
+                **common,
+            )
+            run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"
+            limit = int(timeout_s) + 1
+            cmd = (
+                f"cd {shlex.quote(workdir)} && if command -v timeout >/dev/null 2>&1; "
+                f"then exec timeout -k {KILL_GRACE_S} {limit} {run}; else exec {run}; fi"
+            )
+            res = client.run(cmd, timeout_s=limit + KILL_GRACE_S + SSH_MARGIN_S, what="the measurement")
+            if res.returncode != 0:
+                raise interpret_exit(where, res.returncode, res.stderr, remote_python, timeout_s)
+            with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
+                local = Path(tmp) / RESULT_NAME
+                client.download(f"{workdir}/{RESULT_NAME}", local, timeout_s=60)
+                return _read_result(local, where)

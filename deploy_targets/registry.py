@@ -105,6 +105,8 @@ _ONNX_FORMATS = {"fp32": "onnx", "int8": "onnx-qdq"}
 _ORT_EXPORTS = {"fp32": "onnx", "int8": "onnx-int8"}
 _TRT_FORMATS = {"fp16": "trt-engine", "int8": "trt-engine"}
 _TRT_EXPORTS = {"fp16": "tensorrt-fp16", "int8": "tensorrt-int8"}
+# a Torch-TensorRT ExportedProgram (.ep) is measured through torch_tensorrt.load (runtime torch-tensorrt)
+_TRT_ACCEPTS = ("trt-engine", "torch-trt-ep")
 
 TARGETS: dict[str, Target] = {
     t.name: t
@@ -114,11 +116,11 @@ TARGETS: dict[str, Target] = {
         _t("intel-cpu", "openvino", ("fp32", "int8"), {"fp32": "openvino-ir", "int8": "openvino-ir"},
            {"fp32": "openvino", "int8": "openvino-int8"}, ("openvino-ir", "onnx", "onnx-qdq"),
            REACH_LOCAL, 1, "OpenVINO CPU, FP32 as true f32 (no bf16), INT8 from NNCF"),
-        _t("x86-gpu", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, ("trt-engine",),
+        _t("x86-gpu", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
            REACH_LOCAL, None, "TensorRT on a local NVIDIA GPU"),
-        _t("jetson-orin", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, ("trt-engine",),
+        _t("jetson-orin", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
            REACH_LOCAL_OR_SSH, None, "TensorRT on a Jetson AGX Orin / Orin NX (engine built on the device)"),
-        _t("jetson-orin-nano", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, ("trt-engine",),
+        _t("jetson-orin-nano", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
            REACH_LOCAL_OR_SSH, None, "TensorRT on a Jetson Orin Nano (engine built on the device)"),
         _t("ssh-cpu", "onnxruntime", ("fp32", "int8"), _ONNX_FORMATS, _ORT_EXPORTS, ("onnx", "onnx-qdq"),
            REACH_SSH, 0, "ONNX Runtime on a remote Linux machine over SSH (all physical cores)"),

@@ -93,6 +93,7 @@ class ExportOptions:
     trt_int8_mode: str = "qdq"  # qdq | calibrator (TensorRT ≤ 10)
     trt_strongly_typed: bool = False
     require_tensorrt: bool = False  # True: no TensorRT here is an error, not a skip
+    trt_build_here: bool = True  # False: only the device kit, never an engine here (torch-tensorrt builds them)
     merge: bool = True  # keep still-valid entries of an earlier manifest for other formats
     on_parity_failure: str = "raise"  # raise (ExportError) | reject (record it, build the other formats)
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
@@ -431,7 +432,8 @@ def _build_tensorrt(job: _Job, spec: FormatSpec) -> None:
         parity = job.check(spec, ort_predictor(source, job.opts.threads),
                            "onnxruntime CPU on the TensorRT Q/DQ ONNX (estimate for the engine)")
     prepared = [file_record(job.stage, p) for p in (source, kit["script"])]
-    version, why = tensorrt_status()
+    version, why = tensorrt_status() if job.opts.trt_build_here else (
+        None, "engines are built on the target by the torch-tensorrt builder (export.trt_builder)")
     if version is None:
         job.skipped.append(SkippedFormat(spec.name, why, prepared, parity,
                                          {"build_script": f"{TRT_DIR}/{TRT_SCRIPT}",

@@ -34,19 +34,24 @@ RESULT_PREFIX = "@@dskd-torch-trt "  # the one line of JSON the script prints on
 DEFAULT_DEVICE = "cuda"  # where the kit's script builds; tests with the FAKE torch-tensorrt use cpu
 PRECISIONS = ("fp16", "int8")
 
-# torch-tensorrt X.Y is built against one torch minor and one TensorRT minor (its pyproject pins).
-# On Jetson ('tegra') the wheels pair differently: JetPack 6 ships TensorRT 10.3.
+# torch-tensorrt X.Y is built against torch X.Y and one TensorRT minor. Every row is taken from
+# that release's notes (sources: docs/export.md, "torch-tensorrt versions"); a release not listed
+# is checked for its torch minor only and reported as untested (WARN), never guessed.
 _PAIRS: dict[tuple[int, int], dict[str, tuple[int, int]]] = {
-    (2, 2): {"torch": (2, 2), "tensorrt": (8, 6)},
-    (2, 3): {"torch": (2, 3), "tensorrt": (10, 0)},
-    (2, 4): {"torch": (2, 4), "tensorrt": (10, 1)},
-    (2, 5): {"torch": (2, 5), "tensorrt": (10, 3)},
     (2, 6): {"torch": (2, 6), "tensorrt": (10, 7)},
-    (2, 7): {"torch": (2, 7), "tensorrt": (10, 9)},
-    (2, 8): {"torch": (2, 8), "tensorrt": (10, 11)},
+    (2, 8): {"torch": (2, 8), "tensorrt": (10, 12)},
+    (2, 9): {"torch": (2, 9), "tensorrt": (10, 13)},
+    (2, 10): {"torch": (2, 10), "tensorrt": (10, 14)},
+    (2, 11): {"torch": (2, 11), "tensorrt": (10, 15)},
+    (2, 12): {"torch": (2, 12), "tensorrt": (10, 16)},
+    (2, 13): {"torch": (2, 13), "tensorrt": (11, 0)},
+    (2, 14): {"torch": (2, 14), "tensorrt": (11, 1)},
 }
+# Jetson Orin ('tegra', JetPack 6.x): the 2.8 wheels pair torch 2.8 with JetPack's TensorRT 10.3;
+# 2.9-2.12 have no Orin wheels (the notes say: keep using 2.8); from 2.13 the aarch64 wheels,
+# Orin included, use the same TensorRT as x86-64.
 _TEGRA_PAIRS: dict[tuple[int, int], dict[str, tuple[int, int]]] = {
-    (2, 8): {"torch": (2, 7), "tensorrt": (10, 3)},
+    (2, 8): {"torch": (2, 8), "tensorrt": (10, 3)},
 }
 
 
@@ -92,8 +97,9 @@ def check_versions(torch_version: str | None, torch_trt_version: str | None,
         return VersionVerdict(False, "", f"{found}: torch-tensorrt {tt[0]}.{tt[1]} needs torch "
                               f"{want_torch[0]}.{want_torch[1]}")
     if pairs is None:
-        return VersionVerdict(True, f"torch-tensorrt {tt[0]}.{tt[1]} is newer than this table; "
-                              "check its release notes for the TensorRT it needs", found)
+        return VersionVerdict(True, f"torch-tensorrt {tt[0]}.{tt[1]} is not in this pipeline's table "
+                              "(docs/export.md): untested, check its release notes for the TensorRT "
+                              "it needs", found)
     want_trt = pairs["tensorrt"]
     if trt != want_trt:
         return VersionVerdict(True, f"torch-tensorrt {tt[0]}.{tt[1]} was built for TensorRT "

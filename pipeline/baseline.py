@@ -29,6 +29,7 @@ _ARTIFACT = {
     "size_bytes": "int?", "top1": "number?", "latency_ms": ("?", _LATENCY),
     "?agreement": "number?", "?shipped": "bool", "?measured": "bool", "?not_measured_reason": "str?",
     "?baseline_comparison": ("?", {"ratio": "number?"}),
+    "?per_image": "object?",  # which test images it got right (pipeline.per_image); older reports lack it
 }
 REPORT_SPEC: dict[str, Any] = {
     "schema_version": "int",

@@ -2,8 +2,9 @@
 
 A bundle is a flat folder `<target>/` (and `<target>.tar.gz` of it) holding every file of every
 shipped artifact under a distinct name (OpenVINO: `model.<precision>.xml` + `.bin`; ONNX:
-`model.onnx`, `model.int8.onnx`; TensorRT: the device build kit and, once built on a device,
-`model.<precision>.engine` + its `.json`), `infer.py` (pipeline/bundle_infer.py, one script
+`model.onnx`, `model.int8.onnx`; TensorRT: the device build kit of the recipe's builder (ONNX +
+`build_trtexec.sh`, or checkpoint + model zoo source + `build_torch_trt.py` for torch-tensorrt)
+and, once built on a device, `model.<precision>.engine` + its `.json`), `infer.py` (pipeline/bundle_infer.py, one script
 for every runtime), `README.txt` and `manifest.json` (sha256 and size of every other file,
 labels, preprocessing, the artifacts with their measured accuracy, gates, tool versions).
 Verification lives in pipeline.bundle_verify and is re-exported here.
@@ -28,6 +29,7 @@ __all__ = ["BUNDLE_FORMAT", "MANIFEST", "README", "INFER", "write_bundle", "veri
 
 README = "README.txt"
 INFER = "infer.py"
+TORCH_TRT_SCRIPT = "build_torch_trt.py"  # export.torch_trt.BUILD_SCRIPT (not imported: torch-free here)
 _INFER_SOURCE = Path(__file__).with_name("bundle_infer.py")
 
 
@@ -84,8 +86,33 @@ def _script_shapes(script: Path) -> dict[str, str]:
             if (m := re.search(rf"--{k}Shapes=\S+?:(\d+x\d+x\d+x\d+)", text))}
 
 
-def _plan(artifacts: list[dict[str, Any]], run_dir: Path) -> tuple[_Layout, list[dict[str, Any]]]:
-    """Which files go into the bundle under which names, and the manifest's artifact entries."""
+def _torch_trt_shapes(script: Path, chw: tuple[int, int, int] | None) -> dict[str, str]:
+    """min/opt/max input shapes of build_torch_trt.py's profile (its BATCHES x the model's C x H x W)."""
+    m = re.search(r"^BATCHES = \((\d+), (\d+), (\d+)\)$", script.read_text(encoding="utf-8"), re.MULTILINE)
+    if not m or chw is None:
+        return {}
+    return {k: "x".join(map(str, (int(b), *chw))) for k, b in zip(("min", "opt", "max"), m.groups(), strict=True)}
+
+
+def _build_entry(layout: _Layout, script: Path, kit: list[Path], precision: str,
+                 chw: tuple[int, int, int] | None) -> dict[str, Any]:
+    """The manifest's `build` of an engine the bundle builds on first use: its script, the files
+    the script reads, the command infer.py runs (from the bundle folder) and the profile shapes."""
+    if script.suffix == ".sh":  # the ONNX kit: the script lists its inputs with their sha256
+        inputs = [layout.add(n, script.parent / n) for n in _script_inputs(script)]
+        return {"script": layout.add(script.name, script), "builder": "onnx", "inputs": inputs,
+                "command": f"bash {script.name} {precision}", "profile_shapes": _script_shapes(script)}
+    # torch-tensorrt: the checkpoint, the model zoo's source and (int8) the calibration images
+    inputs = [layout.add(p.name, p) for p in kit if p != script and (p.name != "calib.npz" or precision == "int8")]
+    return {"script": layout.add(script.name, script), "builder": "torch-tensorrt", "inputs": sorted(inputs),
+            "command": f"python3 {script.name} --precision {precision}",
+            "profile_shapes": _torch_trt_shapes(script, chw)}
+
+
+def _plan(artifacts: list[dict[str, Any]], run_dir: Path,
+          chw: tuple[int, int, int] | None = None) -> tuple[_Layout, list[dict[str, Any]]]:
+    """Which files go into the bundle under which names, and the manifest's artifact entries.
+    `chw`: the model's input channels x height x width (for the torch-tensorrt profile shapes)."""
     layout, entries = _Layout(), []
     for a in artifacts:
         if not a.get("shipped") or a.get("rejected"):  # rejected: failed its parity check
@@ -95,11 +122,9 @@ def _plan(artifacts: list[dict[str, Any]], run_dir: Path) -> tuple[_Layout, list
         if a.get("runtime_config"):  # threads/streams/hint the latency was measured with: infer.py uses the threads
             entry["runtime_config"] = a["runtime_config"]
         kit = [run_dir / p for p in (a.get("prepared") or [])]
-        script = next((p for p in kit if p.suffix == ".sh"), None)
+        script = next((p for p in kit if p.suffix == ".sh" or p.name == TORCH_TRT_SCRIPT), None)
         if script is not None:  # TensorRT: the kit builds the engine on the device
-            kit_names = [layout.add(n, script.parent / n) for n in _script_inputs(script)]
-            entry["build"] = {"script": layout.add(script.name, script), "inputs": kit_names,
-                              "profile_shapes": _script_shapes(script)}
+            entry["build"] = _build_entry(layout, script, kit, a["precision"], chw)
         if a.get("path"):
             main = run_dir / a["path"]
             name = bundle_name(a["format"], a["runtime"], a["precision"], main)
@@ -152,9 +177,12 @@ def _readme(meta: dict[str, Any], entries: list[dict[str, Any]], names: list[str
         if e.get("build"):
             b = e["build"]
             state = "built on the device, included" if e.get("files") else "not built yet"
+            needs = ("torch, a matching torch-tensorrt, TensorRT and pycuda"
+                     + (", nvidia-modelopt" if e["precision"] == "int8" else "")
+                     if b.get("builder") == "torch-tensorrt" else "trtexec, TensorRT and pycuda")
             lines.append(f"  {e['path']}  {e['runtime']} {e['precision']}, {acc}; {state}")
-            lines.append(f"      infer.py builds it on first use with: bash {b['script']} {e['precision']}"
-                         f"  (from {', '.join(b['inputs'])}; needs trtexec, TensorRT and pycuda)")
+            lines.append(f"      infer.py builds it on first use with: {b.get('command') or b['script']}"
+                         f"  (from {', '.join(b['inputs'])}; needs {needs})")
         else:
             lines.append(f"  {e['path']}  {e['runtime']} {e['precision']}, {acc}; files: {parts}")
     lines += ["", "Files: " + ", ".join(sorted(names + [MANIFEST])), ""]
@@ -168,7 +196,10 @@ def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], run_dir: Pat
     `artifacts` are the report's rows: those with `shipped` go in, with their companion
     files and, for TensorRT, the device build kit (`prepared`). Paths are relative to run_dir.
     """
-    layout, entries = _plan(artifacts, run_dir)
+    pre = meta.get("preprocessing") or {}
+    chw = ((int(pre["in_chans"]), int(pre["input_size"]), int(pre["input_size"]))
+           if "in_chans" in pre and "input_size" in pre else None)
+    layout, entries = _plan(artifacts, run_dir, chw)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
     try:

@@ -9,8 +9,9 @@ predictions are the ones the report's accuracy was measured with. CPU threads de
 the report's latency was measured with (the artifact's `runtime_config` in manifest.json).
 
 TensorRT: the engine is device-specific and built on the device; when the artifact's engine
-file is absent, this script runs the bundle's own build script (`bash build_trtexec.sh fp16`)
-first. Exit codes: 0 done, 2 bad input or a missing runtime (one line `error: ...`).
+file is absent, this script runs the bundle's own build script first (`bash build_trtexec.sh
+fp16`, or `python build_torch_trt.py --precision fp16` when the recipe chose torch-tensorrt),
+then runs the engine through the TensorRT Python API either way. Exit codes: 0 done, 2 bad input or a missing runtime (one line `error: ...`).
 """
 
 from __future__ import annotations
@@ -129,15 +130,27 @@ def openvino_predictor(path: Path, threads: int, precision: str) -> Any:
     return predict
 
 
+def build_command(artifact: dict[str, Any]) -> list[str]:
+    """argv of the bundle's own build script for this precision: `bash build_trtexec.sh P` (ONNX kit)
+    or `python build_torch_trt.py --precision P` with this python (torch-tensorrt kit)."""
+    script = HERE / artifact["build"]["script"]
+    if script.suffix == ".py":
+        return [sys.executable, str(script), "--precision", artifact["precision"]]
+    return ["bash", str(script), artifact["precision"]]
+
+
 def build_engine(artifact: dict[str, Any]) -> Path:
     """Run the bundle's build script for this precision (engines are built where they run)."""
     engine = HERE / artifact["path"]
     script = HERE / artifact["build"]["script"]
     print(f"building {engine.name} with {script.name} (once; the engine is kept beside it)", file=sys.stderr)
-    proc = subprocess.run(["bash", str(script), artifact["precision"]], cwd=HERE, check=False)
+    # its output goes to stderr: stdout carries only the predictions (--json must stay parseable)
+    proc = subprocess.run(build_command(artifact), cwd=HERE, check=False, stdout=sys.stderr.fileno())
     if proc.returncode != 0 or not engine.is_file():
+        hint = ("install torch, the matching torch-tensorrt and TensorRT for this python"
+                if script.suffix == ".py" else "or set TRTEXEC=/path/to/trtexec")
         raise BundleError(f"{script.name} {artifact['precision']} failed (exit {proc.returncode}); "
-                          "see its output above, or set TRTEXEC=/path/to/trtexec")
+                          f"see its output above; {hint}")
     return engine
 
 
@@ -157,10 +170,14 @@ def tensorrt_predictor(path: Path, threads: int, precision: str) -> Any:
     inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
     out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
     in_dtype, out_dtype = (trt.nptype(engine.get_tensor_dtype(n)) for n in (inp, out))
+    max_batch = int(engine.get_tensor_profile_shape(inp, 0)[2][0])  # the build profile's max N
     stream = cuda.Stream()
 
     def predict(x: Any) -> Any:
-        context.set_input_shape(inp, tuple(x.shape))
+        if len(x) > max_batch:  # --batch above the engine's profile: run it in pieces it accepts
+            return np.concatenate([predict(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+        if not context.set_input_shape(inp, tuple(x.shape)):
+            raise BundleError(f"{path.name}: TensorRT refused input shape {tuple(x.shape)}")
         h_in = np.ascontiguousarray(x.astype(in_dtype))
         h_out = np.empty(tuple(context.get_tensor_shape(out)), dtype=out_dtype)
         d_in, d_out = cuda.mem_alloc(h_in.nbytes), cuda.mem_alloc(h_out.nbytes)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from dskd.errors import UserError
 from pipeline.argv import command_help, main_help, parse_command
+from pipeline.train_cli import train  # its flags are built from dskd.train_settings
 
 
 class ExitCode(Exception):
@@ -23,113 +24,6 @@ class ExitCode(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
-
-
-def _data_limits(value: str | dict | None) -> dict[str, float]:
-    """--data-limits as JSON text or the dict fire already parsed; checked by DataLimits."""
-    import json
-
-    from dskd.data.limits import DataLimits
-
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise UserError(f"--data-limits {value!r}: not JSON; e.g. '{{\"max_file_mb\": 128}}'") from None
-    DataLimits.from_any(value)  # one-line error naming the key
-    return dict(value)  # type: ignore[arg-type]
-
-
-def train(model: str = "resnet8", data: str = "digits", epochs: int = 20, out: str = "runs/train",
-          teacher: str | None = None, method: str = "ce", batch_size: int = 64, lr: float = 0.05,
-          seed: int = 0, precision: str = "fp32", resume: bool = False, schedule: str = "cosine",
-          weight_decay: float = 5e-4, warmup_epochs: float = 0.0, input_size: int = 32,
-          in_chans: int = 3, device: str = "auto", train_subset: float = 1.0, holdout: float = 0.0,
-          limit_per_class: int | None = None, eval_every: int = 1, skip_bad: bool = False,
-          cache_dir: str | None = None, ddp_timeout_s: float = 300.0,
-          data_limits: str | dict | None = None,
-          set: list[str] | None = None) -> None:  # noqa: A002
-    """Train a model (CE) or distill a student from a teacher (--method kd|dkd|fitnet|lshfm|diffkd|dskd).
-
-    Writes OUT/model.pt, OUT/last.pt (for --resume), OUT/metrics.jsonl and OUT/summary.json.
-    Under `torchrun --nproc_per_node N -m pipeline train ...` it runs DDP (gloo on CPU, NCCL on CUDA).
-
-    Args:
-        model: zoo name of the model to train (the student when distilling).
-        data: digits | an ImageFolder folder | .tar/.tar.gz/.zip of one | a CIFAR python folder.
-        epochs: training epochs.
-        out: output folder.
-        teacher: a teacher model.pt (or its folder) written by `pipeline train`; needed unless --method ce.
-        method: ce, kd, dkd, fitnet, lshfm, diffkd or dskd.
-        batch_size: images per step (per process under torchrun).
-        lr: peak SGD learning rate.
-        seed: seed for initialisation, shuffling and augmentation.
-        precision: fp32, bf16 (CPU/CUDA autocast) or fp16 (CUDA, with a grad scaler).
-        resume: continue from OUT/last.pt.
-        schedule: cosine or step (x0.1 at 5/8, 3/4, 7/8 of training).
-        weight_decay: SGD weight decay.
-        warmup_epochs: linear learning-rate warm-up length.
-        input_size: image side in pixels the data is resized to.
-        in_chans: image channels (1 or 3).
-        device: auto, cpu or cuda.
-        train_subset: class-balanced fraction (or count) of the training split to use.
-        holdout: fraction of the training split held out for choosing settings (never the test split).
-        limit_per_class: decode only this many images per class and split (quick smoke runs).
-        eval_every: evaluate every N epochs (the last epoch always).
-        skip_bad: drop unreadable images (counted in summary.json) instead of failing on the first.
-        cache_dir: decoded-data cache folder (default ~/.cache/dskd/data or $DSKD_CACHE/data).
-        ddp_timeout_s: under torchrun, how long a rank waits for a silent peer before the job fails.
-        data_limits: caps on reading data as JSON, e.g. '{"max_file_mb": 128, "max_image_mp": 60}'
-            (keys max_file_mb, max_total_mb, max_image_mp; recipe [data] keys of the same names).
-        set: method options, repeatable: --set dskd.guidance_scale=0.5 --set w_lsh=3.
-    """
-    from dskd.trainer import TrainConfig
-    from dskd.trainer import train as run_training
-    from pipeline.overrides import parse_overrides
-    from pipeline.recipe import DataConfig, TrainSection, check_settings
-
-    check_settings(TrainSection, {"model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                                  "seed": seed, "precision": precision, "schedule": schedule,
-                                  "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
-                                  "device": device, "ddp_timeout_s": ddp_timeout_s})
-    check_settings(DataConfig, {"spec": data, "input_size": input_size, "in_chans": in_chans,
-                                "train_subset": train_subset, "limit_per_class": limit_per_class or 0})
-    if not 0 <= holdout < 1:
-        raise UserError(f"--holdout {holdout!r}: must be a fraction in [0, 1)")
-    if eval_every < 1:
-        raise UserError(f"--eval-every {eval_every!r}: must be >= 1")
-    if method != "ce" and not teacher:
-        raise UserError(f"--method {method} distills from a teacher: pass --teacher DIR_OR_model.pt (or --method ce)")
-    options = {}
-    for key, value in parse_overrides(set).items():
-        head, _, tail = key.partition(".")
-        if tail and head != method:
-            raise UserError(f"--set {key}: option is for method '{head}' but --method is '{method}'")
-        options[tail or head] = value
-    cfg = TrainConfig(
-        model=model, data=str(data), epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-        seed=int(seed), precision=str(precision), method=str(method), teacher=str(teacher) if teacher else None,
-        schedule=str(schedule), weight_decay=float(weight_decay), warmup_epochs=float(warmup_epochs),
-        input_size=int(input_size), in_chans=int(in_chans), device=str(device),
-        train_subset=float(train_subset), holdout=float(holdout),
-        limit_per_class=int(limit_per_class) if limit_per_class else None, eval_every=int(eval_every),
-        skip_bad=bool(skip_bad), cache_dir=str(cache_dir) if cache_dir else None,
-        ddp_timeout_s=float(ddp_timeout_s), options=options, data_limits=_data_limits(data_limits),
-    )
-    summary = run_training(cfg, out, resume=bool(resume))
-    if summary:
-        from pipeline.console import print_kv
-
-        print_kv(f"trained {summary['model']} ({summary['method']})", {
-            "top1 (%)": f"{summary['top1']:.2f}",
-            "params": f"{summary['params']:,}",
-            "MACs": f"{summary['macs']:,}",
-            "train seconds": summary["train_seconds"],
-            "images/s": summary.get("images_seen_per_s"),
-            "model": os.path.join(out, "model.pt"),
-        })
 
 
 def run(recipe: str | None = None, target: str | None = None, data: str | None = None, out: str | None = None,
@@ -310,8 +204,21 @@ def targets(device: str | None = None, python: str = "python3", probe: bool = Tr
     print(format_targets_table(device=device, remote_python=python, probe=bool(probe)))
 
 
+def _bench_threads(threads: str | None) -> int | str | None:
+    """`--threads` as the recipe's target.threads reads it: 0 or omitted is the target's default."""
+    if threads is None:
+        return None
+    text = str(threads).strip().lower()
+    if text == "all":
+        return "all"
+    if text.isdigit():
+        return int(text) or None
+    raise UserError(f'--threads {threads}: give a thread count >= 1, "all" (every physical core) '
+                    "or 0 (the target's default)")
+
+
 def bench(artifact: str, target: str = "cpu", device: str | None = None, data: str | None = None,
-          precision: str | None = None, batch_sizes: str = "1", threads: int | None = None,
+          precision: str | None = None, batch_sizes: str = "1", threads: str | None = None,
           python: str = "python3", out: str | None = None, hint: str | None = None,
           streams: int | None = None, image: str | None = None) -> None:
     """Measure one artifact's latency (and accuracy with --data) on a target, locally or over SSH.
@@ -323,7 +230,8 @@ def bench(artifact: str, target: str = "cpu", device: str | None = None, data: s
         data: data spec (or an eval .npz) whose test split gives top-1 and agreement.
         precision: the artifact's precision (detected when omitted).
         batch_sizes: comma-separated batch sizes, e.g. 1,8.
-        threads: runtime threads (default: the target's); 0 = all physical cores.
+        threads: runtime threads: a count >= 1, "all" (every physical core) or 0 (the target's
+            default, as when omitted) -- the same values as the recipe's target.threads.
         python: the device's python.
         out: write the measurement JSON here.
         hint: latency or throughput (also images/s at the largest batch size); default: the target's.
@@ -342,8 +250,7 @@ def bench(artifact: str, target: str = "cpu", device: str | None = None, data: s
         raise UserError(f"--hint {hint!r}: choose {' or '.join(HINTS)}")
     if streams is not None and streams < 0:
         raise UserError(f"--streams {streams}: must be >= 0 (0: the runtime's choice)")
-    if threads is not None and threads < 0:
-        raise UserError(f"--threads {threads}: must be >= 1 (or 0 for all physical cores)")
+    threads_value = _bench_threads(threads)
     if image is not None and not Path(image).is_file():
         raise UserError(f"--image {image}: no such file; pass a JPEG or PNG image")
     with tempfile.TemporaryDirectory() as td:
@@ -351,7 +258,7 @@ def bench(artifact: str, target: str = "cpu", device: str | None = None, data: s
         if data:
             eval_set = _eval_set_for(str(data), Path(artifact), Path(td))
         m = measure(artifact, target, eval_set=eval_set, device=device, precision=precision,
-                    batch_sizes=str(batch_sizes), threads=threads, remote_python=python,
+                    batch_sizes=str(batch_sizes), threads=threads_value, remote_python=python,
                     hint=hint, streams=streams, image=image)
     from pipeline.report_view import run_config_text, throughput_numbers
 
@@ -464,10 +371,34 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _configure_logging() -> None:
+    """Diagnostics (the packages' `logging` records, e.g. the trainer's resume and build details)
+    go to stderr at $DSKD_LOG_LEVEL (unset: warnings only); progress and results are printed
+    whatever the level."""
+    import logging
+
+    raw = os.environ.get("DSKD_LOG_LEVEL", "")
+    if not raw:  # Python's default: warnings and errors only, to stderr
+        return
+    if raw.lower() not in LOG_LEVELS:
+        raise UserError(f"DSKD_LOG_LEVEL={raw!r}: use one of {', '.join(LOG_LEVELS)} (or unset it)")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        root.addHandler(handler)
+    for name in ("dskd", "pipeline", "export", "deploy_targets"):
+        logging.getLogger(name).setLevel(raw.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse strictly (pipeline/argv.py), run the command, map outcomes to exit codes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _configure_logging()
         parsed = parse_command(argv, COMMANDS)
         if parsed.help:
             print(command_help(parsed.command, COMMANDS[parsed.command]) if parsed.command else main_help(COMMANDS),

@@ -4,7 +4,9 @@ Absolute gates look at each shipped artifact alone; relative gates compare it wi
 PyTorch student (`max_top1_drop`) or with the same artifact kind in a baseline report
 (`max_top1_regression`, `max_latency_regression`). A latency regression is judged on the
 ratio measured interleaved in one job when the report has one (same machine, same
-minute), and on the two reports' recorded numbers otherwise, which the row says.
+minute), and on the two reports' recorded numbers otherwise, which the row says; a top-1
+regression on the images both reports say each artifact got right (McNemar) when both have
+them, and on the two top-1 numbers otherwise, which the row says too.
 
 An artifact whose numbers were not measured gets NOT MEASURED rows, which fail the run
 unless the recipe allows unmeasured results; why, and the ways out, are said once for the
@@ -23,7 +25,7 @@ from typing import Any
 from pipeline.recipe import GateConfig
 
 # Part of the gate stage's cache key: bump when the rows a report gets change meaning.
-GATE_LOGIC_VERSION = 3
+GATE_LOGIC_VERSION = 4
 
 PASS, FAIL, NOT_MEASURED, INCONCLUSIVE = "PASS", "FAIL", "NOT MEASURED", "INCONCLUSIVE"
 CPU_REFERENCE_NOTE = "measured on this machine's CPU (the target was not measured)"
@@ -113,7 +115,7 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         if gates.max_size_mb is not None and a.get("size_bytes") is not None:
             mb = a["size_bytes"] / 1e6
             results.append(GateResult("max_size_mb", label, "size_mb", round(mb, 4), gates.max_size_mb, mb <= gates.max_size_mb))
-        paired = _paired_latency_row(a, gates) if baseline is not None else None
+        paired = paired_latency_row(a, gates) if baseline is not None else None
         if paired is not None:
             results.append(paired)
         elif baseline is not None and gates.max_latency_regression is not None:
@@ -146,7 +148,11 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
     return results
 
 
-def _paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | None:
+STOPPED = {"decided": "decided", "budget": "time budget spent (gates.regression_budget_s)",
+           "max_rounds": "round limit reached", "rounds": "no tolerance to decide against"}
+
+
+def paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | None:
     """max_latency_regression judged on the interleaved rounds (median ratio and its interval);
     None when the report has no per-round record (then the two reports' numbers are used)."""
     from pipeline import regression_stats as rs
@@ -173,6 +179,7 @@ def _paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | No
     note = (f"median of {d.samples} interleaved rounds {d.estimate:.3f}, {100 * d.coverage:.1f} % interval "
             f"[{d.low:.3f}, {d.high:.3f}] vs limit {d.limit:.3f}"
             + (f"; {dropped} contended round(s) not used" if dropped else "")
+            + (f"; rounds stopped: {STOPPED.get(str(inter['stopped']), str(inter['stopped']))}" if inter.get("stopped") else "")
             + (f"; inconclusive, counted as {'pass' if passed else 'fail'} (gates.regression_inconclusive)"
                if status == INCONCLUSIVE else ""))
     return GateResult("max_latency_regression", artifact_label(a), "latency_ratio", round(d.estimate, 4),
@@ -206,10 +213,41 @@ def _accuracy_rows(a: dict[str, Any], report: dict[str, Any], gates: GateConfig,
         elif top1 is None:
             out.append(_unmeasured("max_top1_regression", a, "top1_regression", gates.max_top1_regression, allow))
         else:
-            reg = round(base["top1"] - top1, 4)
-            out.append(GateResult("max_top1_regression", label, "top1_regression", reg, gates.max_top1_regression,
-                                  reg <= gates.max_top1_regression, f"baseline {base['top1']:.2f}"))
+            out.append(_top1_regression_row(a, base, gates))
     return out
+
+
+def _top1_regression_row(a: dict[str, Any], base: dict[str, Any], gates: GateConfig) -> GateResult:
+    """max_top1_regression: McNemar's pairing when both reports say which test images each
+    artifact got right (same test set), else the plain difference of the two top-1s, with why."""
+    from pipeline import regression_stats as rs
+    from pipeline.per_image import read_record
+
+    label, tol = artifact_label(a), gates.max_top1_regression
+    reg = round(base["top1"] - a["top1"], 4)
+    mine, why_mine = read_record(a.get("per_image"), a["top1"])
+    theirs, why_base = read_record(base.get("per_image"), base["top1"])
+    why = ""
+    if theirs is None:
+        why = f"baseline: {why_base}" + (" (an older report?)" if base.get("per_image") is None else "")
+    elif mine is None:
+        why = f"this run: {a.get('per_image_note') or why_mine}"
+    elif (a["per_image"].get("test_set_sha256") != base["per_image"].get("test_set_sha256")
+          or len(mine) != len(theirs)):
+        why = "the baseline was measured on another test set"
+    if why:
+        return GateResult("max_top1_regression", label, "top1_regression", reg, tol, reg <= tol,
+                          f"baseline {base['top1']:.2f}; plain threshold, not paired: {why}")
+    d = rs.paired_top1_decision(theirs, mine, tol)
+    status = {rs.PASS: PASS, rs.FAIL: FAIL}.get(d.verdict, INCONCLUSIVE)
+    policy = getattr(gates, "regression_inconclusive", "fail")
+    passed = status == PASS or (status == INCONCLUSIVE and policy == "pass")
+    note = (f"baseline {base['top1']:.2f}; paired on {d.samples} images, drop {d.estimate:.3g} points, "
+            f"{100 * d.coverage:.0f} % interval [{d.low:.3g}, {d.high:.3g}] ({d.method})"
+            + (f"; inconclusive, counted as {'pass' if passed else 'fail'} (gates.regression_inconclusive)"
+               if status == INCONCLUSIVE else ""))
+    return GateResult("max_top1_regression", label, "top1_regression", round(d.estimate, 4), tol, passed, note,
+                      status, d.to_dict())
 
 
 def not_measured_summary(report: dict[str, Any], allow_unmeasured: bool) -> dict[str, Any] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -18,12 +17,18 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from dskd.errors import UserError
+from dskd.train_settings import (
+    PRECISIONS,  # noqa: F401  (re-exported: the recipe's enums are the trainer's)
+    SCHEDULES,  # noqa: F401
+    SETTING_TYPES,
+    recipe_settings,
+    rule_of,
+    rule_problem,
+)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "digits-smoke"
 PERCENTILES = ("p50", "p90", "p99")
-PRECISIONS = ("fp32", "bf16", "fp16")  # = dskd.trainer.PRECISIONS (tests/test_recipe_validation.py checks)
-SCHEDULES = ("cosine", "step")  # = dskd.trainer.SCHEDULES
 
 
 def _device_ok(value: str) -> str | None:
@@ -39,12 +44,6 @@ def _device_ok(value: str) -> str | None:
     return None
 
 
-def _train_device_ok(value: str) -> str | None:
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return None
-    return f"must be auto, cpu, cuda or cuda:N, got {value!r}"
-
-
 def _opset_ok(value: int) -> str | None:
     """The opsets the installed exporter path supports (export.onnx_build decides)."""
     from export.onnx_build import MAX_OPSET, MIN_OPSET
@@ -53,12 +52,6 @@ def _opset_ok(value: int) -> str | None:
         return None
     return (f"must be {MIN_OPSET}..{MAX_OPSET}, got {value} (18 is the default; 17 for TensorRT 8.6; "
             "ORT static INT8 and TensorRT 10 parse at most 20)")
-
-
-def _subset_ok(value: float) -> str | None:
-    if 0 < value <= 1 or (value > 1 and float(value).is_integer()):
-        return None
-    return f"must be a fraction in (0, 1] or a whole number of images, got {value!r}"
 
 
 def _batch_sizes_ok(value: list[int]) -> str | None:
@@ -87,11 +80,12 @@ def recipe_key(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any]
 
 @dataclass
 class DataConfig:
-    spec: str = recipe_key("digits", check=_nonempty)
-    input_size: int = recipe_key(32, ge=8)
-    in_chans: int = recipe_key(3, choices=(1, 3))
-    train_subset: float = recipe_key(1.0, check=_subset_ok)
-    limit_per_class: int = recipe_key(0, ge=0)
+    # The keys that are also training settings share their rule (dskd.train_settings).
+    spec: str = recipe_key("digits", **rule_of("data"))
+    input_size: int = recipe_key(32, **rule_of("input_size"))
+    in_chans: int = recipe_key(3, **rule_of("in_chans"))
+    train_subset: float = recipe_key(1.0, **rule_of("train_subset"))
+    limit_per_class: int = recipe_key(0, **rule_of("limit_per_class"))
     cache_dir: str = ""
     skip_bad: bool = False
     max_file_mb: float = recipe_key(64.0, gt=0)  # caps on reading data: dskd.data.limits
@@ -99,25 +93,26 @@ class DataConfig:
     max_image_mp: float = recipe_key(40.0, gt=0)
 
 
-@dataclass
-class TrainSection:
-    """Shared by [teacher] and [student]."""
+def _train_section() -> type:
+    """[teacher]/[student]: the training settings marked `recipe=True` in dskd.train_settings (so a
+    new one is a recipe key with its rule), plus `checkpoint` (a teacher loaded instead of trained)."""
+    specs: list[tuple[str, Any, Any]] = [("checkpoint", str, field(default=""))]
+    for f in recipe_settings():
+        meta = f.metadata
+        default = meta["recipe_default"]
+        if default is dataclasses.MISSING:
+            default = f.default
+        if default is dataclasses.MISSING:
+            specs.append((f.name, SETTING_TYPES[f.name], field(default_factory=f.default_factory, metadata=meta)))
+        else:
+            specs.append((f.name, SETTING_TYPES[f.name], field(default=default, metadata=meta)))
+    cls = dataclasses.make_dataclass("TrainSection", specs)
+    cls.__module__ = __name__
+    cls.__doc__ = "Shared by [teacher] and [student]; the fields are dskd.train_settings' recipe settings."
+    return cls
 
-    model: str = recipe_key("resnet8", check=_nonempty)
-    checkpoint: str = ""
-    method: str = "ce"
-    epochs: int = recipe_key(10, ge=1)
-    batch_size: int = recipe_key(64, ge=1)
-    lr: float = recipe_key(0.05, gt=0)
-    weight_decay: float = recipe_key(5e-4, ge=0)
-    schedule: str = recipe_key("cosine", choices=SCHEDULES)
-    warmup_epochs: float = recipe_key(0.0, ge=0)
-    precision: str = recipe_key("fp32", choices=PRECISIONS)
-    seed: int = recipe_key(0, ge=0)
-    device: str = recipe_key("auto", check=_train_device_ok)
-    nproc: int = recipe_key(1, ge=1)
-    ddp_timeout_s: float = recipe_key(300.0, gt=0)
-    options: dict[str, Any] = field(default_factory=dict)
+
+TrainSection = _train_section()
 
 
 @dataclass
@@ -131,6 +126,16 @@ class ExportConfig:
     trt_builder: str = recipe_key("onnx", choices=("onnx", "torch-tensorrt"))  # TensorRT engines: trtexec or torch-tensorrt
 
 
+def _threads_ok(value: int | str) -> str | None:
+    """target.threads: 0 (the target's default), a count >= 1, or "all" (every physical core of
+    the machine that measures; the report shows the count it resolved to)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if isinstance(value, int) and value >= 0:
+        return None
+    return f'must be 0 (the target\'s default), a thread count >= 1 or "all" (every physical core), got {value!r}'
+
+
 @dataclass
 class TargetConfig:
     name: str = "cpu"
@@ -138,7 +143,7 @@ class TargetConfig:
     python: str = recipe_key("python3", check=_nonempty)
     trtexec: str = ""
     remote_tmp: str = ""
-    threads: int = recipe_key(0, ge=0)
+    threads: int | str = recipe_key(0, check=_threads_ok)  # 0: the target's default; "all": every physical core
     hint: str = recipe_key("", choices=("", "latency", "throughput"))  # "": the target's ("latency")
     streams: int = recipe_key(0, ge=0)  # throughput mode's parallel streams; 0: the runtime's choice
     batch_sizes: list[int] = recipe_key(factory=lambda: [1], check=_batch_sizes_ok)
@@ -159,6 +164,7 @@ class GateConfig:
     max_top1_regression: float | None = recipe_key(None, ge=0)
     max_latency_regression: float | None = recipe_key(None, ge=0)
     regression_inconclusive: str = recipe_key("fail", choices=("fail", "pass"))  # paired interval straddles the limit
+    regression_budget_s: float = recipe_key(60.0, gt=0)  # --baseline: seconds of interleaved A/B rounds per artifact
     require_max_clocks: bool = False  # Jetson: fail when measured below max power mode / unlocked clocks
 
 
@@ -228,34 +234,6 @@ class Origins:
         return UserError(f"{origin}: key '{dotted}' {problem}{got}")
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
-
-
-def rule_problem(f: dataclasses.Field, value: Any) -> tuple[str, bool] | None:
-    """(problem, show the value) for a key's value against its rule, or None when it is fine."""
-    if not _finite(value):
-        return "must be a finite number", True
-    if value is None:  # an optional key left out (gates)
-        return None
-    meta = f.metadata
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        return f"must be one of {', '.join(map(str, meta['choices']))}", True
-    if meta.get("ge") is not None and value < meta["ge"]:
-        return f"must be >= {meta['ge']}", True
-    if meta.get("gt") is not None and not value > meta["gt"]:
-        return f"must be > {meta['gt']}", True
-    if meta.get("check") is not None:
-        problem = meta["check"](value)
-        if problem:
-            return problem, False
-    return None
-
-
 def _build(cls: type, table: Any, where: str, source: str, origins: Origins | None = None) -> Any:
     """Typed config from a TOML table: unknown keys, wrong types and values out of range are
     one-line errors naming the key as the user wrote it (file key, `--set` key or flag)."""
@@ -288,8 +266,8 @@ def _build(cls: type, table: Any, where: str, source: str, origins: Origins | No
 
 
 def check_settings(cls: type, values: Mapping[str, Any]) -> None:
-    """Check command-line values of `cls` keys with the recipe's rules (`pipeline train`'s
-    flags use the [student]/[data] rules): `--lr -1.0: must be > 0`."""
+    """Check command-line values of `cls` keys with the recipe's rules (`pipeline export`'s
+    flags use the [export] rules): `--opset 5: must be 13..20`."""
     by_name = {f.name: f for f in fields(cls)}
     for name, value in values.items():
         problem = rule_problem(by_name[name], value)

@@ -13,14 +13,18 @@ images, b is binomial(b + c, p) and the Clopper-Pearson interval of p bounds the
 
 Both give a three-way verdict against a tolerance: FAIL when the whole interval is beyond it,
 PASS when the whole interval is within it, INCONCLUSIVE otherwise (too few rounds or images to
-tell); what an inconclusive result does to the run is the caller's policy.
-Pure functions of their inputs (no I/O, no randomness): tests/test_regression_stats.py.
+tell); what an inconclusive result does to the run is the caller's policy. interleaved_rounds
+drives the latency rounds sequentially (more rounds while undecided, within a time budget)
+through a measuring function it is given; per-image correctness travels as packed bits.
+No I/O of their own, no randomness: tests/test_regression_stats.py.
 """
 
 from __future__ import annotations
 
+import base64
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -196,3 +200,143 @@ def paired_top1_decision(baseline_correct: Sequence[bool], candidate_correct: Se
     return Decision(estimate, low, high, tolerance_points, confidence, n,
                     _verdict(low, high, tolerance_points, confidence, confidence),
                     f"McNemar pairing ({losses} lost, {gains} gained, p={mcnemar_p_value(losses, gains):.3g})")
+
+
+# ------------------------------------------------------------------ interleaved rounds (sequential)
+CANDIDATE, BASELINE = "candidate", "baseline"
+DEFAULT_MAX_ROUNDS = 40
+
+
+def interleaved_rounds(measure: Callable[[str], tuple[Any, ...]], tolerance: float | None,
+                       budget_s: float, min_rounds: int | None = None, max_rounds: int = DEFAULT_MAX_ROUNDS,
+                       confidence: float = DEFAULT_CONFIDENCE,
+                       clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """Measure baseline and candidate alternately until the paired rule decides or time runs out.
+
+    `measure(side)` times one side ("candidate" or "baseline") once and returns (p50 ms,
+    contended) or (p50 ms, contended, details); details (e.g. the runner's CPU share) are kept
+    per round in `sides`, so the rounds can be re-examined later. The order alternates every
+    round (C B, B C, C B ...) so a drift within a round, or a first-run effect, cannot favour
+    one side. At least `min_rounds` usable rounds
+    are sought (default: the fewest that give a `confidence` interval); after that a round is
+    added only while the verdict against `tolerance` is INCONCLUSIVE, and none once `budget_s`
+    seconds of measuring are spent or `max_rounds` rounds were measured. A contended round is
+    recorded with kept=False and does not count: another is measured instead, within the same
+    budget. With details from the runner that is `paired_usable`'s judgement of the two sides,
+    else the runner's own flag on either side. With `tolerance` None there is nothing to
+    decide and the first `min_rounds` usable rounds end it.
+
+    Repeated looks at the interval raise its error rates a little above the one-look 2.5 % per
+    side; bench/latency_gate_power.py measures the resulting rates on real runs.
+    """
+    need = min_rounds or rounds_needed(confidence)
+    start = clock()
+    cand: list[float] = []
+    base: list[float] = []
+    kept: list[bool] = []
+    first: list[str] = []
+    sides: list[dict[str, Any]] = []
+    stopped = ""
+    while not stopped:
+        order = (CANDIDATE, BASELINE) if len(kept) % 2 == 0 else (BASELINE, CANDIDATE)
+        got: dict[str, float] = {}
+        info: dict[str, Any] = {}
+        contended = False
+        for side in order:
+            p50, busy, *more = measure(side)
+            got[side] = float(p50)
+            contended |= bool(busy)
+            if more:
+                info[side] = dict(more[0], contended=bool(busy))
+        if info:
+            sides.append(info)
+        cand.append(got[CANDIDATE])
+        base.append(got[BASELINE])
+        kept.append(paired_usable(info[CANDIDATE], info[BASELINE]) if len(info) == 2 else not contended)
+        first.append(order[0])
+        usable = sum(kept)
+        if usable >= need:
+            if tolerance is None:
+                stopped = "rounds"
+            elif paired_ratio_decision(cand, base, tolerance, confidence, kept).verdict != INCONCLUSIVE:
+                stopped = "decided"
+        if not stopped and len(kept) >= max_rounds:
+            stopped = "max_rounds"
+        if not stopped and clock() - start >= budget_s and len(kept) >= need:
+            stopped = "budget"
+    return {"rounds": len(kept), "candidate_p50_ms": cand, "baseline_p50_ms": base, "kept": kept,
+            "first": first, **({"sides": sides} if sides else {}), "stopped": stopped,
+            "seconds": round(clock() - start, 3), "budget_s": budget_s, "tolerance": tolerance}
+
+
+# ------------------------------------------------------------------ per-image correctness
+PER_IMAGE_ENCODING = "packbits-base64"
+
+
+def encode_correct(correct: Sequence[bool]) -> str:
+    """Per-image correctness as base64 of its bits (numpy packbits order): 10,000 images ~ 1.7 kB."""
+    import numpy as np
+
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def decode_correct(text: str, n: int) -> list[bool]:
+    """The inverse of encode_correct; ValueError when `text` cannot hold `n` images."""
+    import numpy as np
+
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError(f"not base64 ({exc})") from None
+    if n < 0 or len(raw) != (n + 7) // 8:
+        raise ValueError(f"{len(raw)} bytes cannot hold exactly {n} images")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n].astype(bool).tolist()
+
+
+PAIR_MIN_CPU_SHARE = 0.9  # = the runner's Protocol.min_cpu_share
+PAIR_MAX_OTHERS_GAP = 0.5  # cores
+
+
+def paired_usable(cand: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Can this round's ratio be trusted? Both sides must have had their core (the runner's CPU
+    share at least 0.9: not preempted), and the rest of the machine must have been about as busy
+    during one side as during the other (other processes' load within half a core).
+
+    The runner's own `contended` flag also fires when other processes merely keep another core
+    busy (more than 0.2 cores), which inflates an absolute latency; a ratio of two sides measured
+    beside the same steady neighbour is not inflated by it, so a round is kept then. Missing
+    numbers (a runner that does not report them) fall back to the runner's flag. A round neither
+    side of which the runner flagged is always kept (GPU runtimes: the flag never fires, their
+    CPU share says nothing).
+    """
+    if not (cand.get("contended") or base.get("contended")):
+        return True
+    try:
+        shares = [float(cand["cpu_share"]), float(base["cpu_share"])]
+        others = [float(cand["others_cpu"]), float(base["others_cpu"])]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return min(shares) >= PAIR_MIN_CPU_SHARE and abs(others[0] - others[1]) <= PAIR_MAX_OTHERS_GAP
+
+
+def side_details(m: Any) -> dict[str, Any]:
+    """What a round keeps of one side's runner measurement (deploy_targets.measure.Measurement):
+    how much of a core the runner got and how busy the other processes kept the machine."""
+    e = min(m.latency, key=lambda e: e["batch_size"])
+    return {k: e.get(k) for k in ("cpu_share", "others_cpu", "attempts", "contended")}
+
+
+ROUND_MAX_ITERS = 100
+ROUND_MAX_SECONDS = 1.0
+
+
+def round_protocol(min_iters: int, min_seconds: float) -> dict[str, Any]:
+    """The timing of one side of an A/B round: the recipe's, capped at 100 calls and 1 s.
+
+    The paired interval narrows with the number of rounds, and a round's ratio varies with the
+    machine's state far more than with the sampling error of a p50 over 100 calls, so within
+    a time budget many short rounds decide sooner than a few long ones: with the default 2 s
+    protocol a 60 s budget holds only about 6-8 rounds, where the 95 % interval is still the
+    whole min..max range (it first drops an extreme at 9 rounds). The recipe's warm-up is kept.
+    """
+    return {"min_iters": min(int(min_iters), ROUND_MAX_ITERS), "min_seconds": min(float(min_seconds), ROUND_MAX_SECONDS)}

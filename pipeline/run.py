@@ -42,7 +42,7 @@ def _baseline_record(ctx: RunContext) -> dict[str, Any] | None:
 REPORT_ARTIFACT_KEYS = ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1", "agreement",
                         "latency_ms", "shipped", "where", "warnings", "latency_note", "baseline_comparison",
                         "latency_by_batch", "latency_samples_ms", "prepared", "engine_build", "runtime_config",
-                        "throughput", "preprocess")
+                        "throughput", "preprocess", "per_image", "per_image_note")
 
 
 def report_artifact(a: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,9 @@ def _target(ctx: RunContext):
 def _export_options(ctx: RunContext) -> dict[str, Any]:
     e = ctx.recipe.export
     return {"opset": e.opset, "calib_size": e.calib_size, "simplify": e.simplify,
-            "ov_int8_head": e.int8_head, "tolerances": tolerances_for(e.parity_tolerance)}
+            "ov_int8_head": e.int8_head, "tolerances": tolerances_for(e.parity_tolerance),
+            # torch-tensorrt: no ONNX-built engine here even where TensorRT is installed (the default keeps its keys)
+            **({"trt_build_here": False} if e.trt_builder != "onnx" else {})}
 
 
 def _artifacts_from_manifest(manifest: Any, folder: Path, stage_dir: Path) -> list[dict[str, Any]]:
@@ -121,7 +123,9 @@ def _deploy_config(ctx: RunContext) -> dict[str, Any]:
         if getattr(t, key):
             cfg[key] = getattr(t, key)
     cfg["nonce"] = ctx.options.get("remeasure_nonce")
-    cfg["ab_protocol"] = 2 if base else None  # interleaved rounds for the paired regression rule
+    cfg["ab_protocol"] = 3 if base else None  # interleaved rounds for the paired regression rule
+    if base:  # the A/B rounds stop when the rule decides against the tolerance, or at the budget
+        cfg["ab_stop"] = [ctx.recipe.gates.max_latency_regression, ctx.recipe.gates.regression_budget_s]
     return cfg
 
 
@@ -162,13 +166,20 @@ def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval
              device: str | None, batch_sizes: list[int], latency_only: bool = False):
     """One runner measurement with the recipe's protocol, threads, hint and streams.
 
-    `latency_only`: the paired A/B rounds compare p50s only, so they skip the throughput run.
+    `latency_only`: the paired A/B rounds compare p50s only, so they skip the throughput run
+    and time each side with the shorter round protocol (pipeline.regression_stats.round_protocol).
     """
+    from dataclasses import replace
+
     from deploy_targets.measure import measure
+    from pipeline.regression_stats import round_protocol
 
     t = ctx.recipe.target
+    protocol = _protocol(ctx)
+    if latency_only:
+        protocol = replace(protocol, **round_protocol(protocol.min_iters, protocol.min_seconds))
     return measure(path, target_name, eval_set=eval_set, device=device, precision=precision,
-                   batch_sizes=batch_sizes, threads=t.threads or None, protocol=_protocol(ctx),
+                   batch_sizes=batch_sizes, threads=t.threads or None, protocol=protocol,
                    remote_python=t.python, remote_tmp=t.remote_tmp or None, timeout_s=t.timeout_s,
                    hint="latency" if latency_only else (t.hint or None), streams=t.streams or None)
 
@@ -187,34 +198,45 @@ def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
     return a
 
 
+def _with_per_image(row: dict[str, Any], path: Path, m: Any, eval_set: Path) -> dict[str, Any]:
+    """`row` with which test images the artifact got right (`per_image`), for the paired
+    accuracy gates of a later run that uses this report as its baseline (pipeline.per_image)."""
+    from pipeline.per_image import measure_record
+
+    if m.where != "local":
+        rec, why = None, f"measured on {m.where}: the runner reports no per-image predictions"
+    else:
+        try:
+            rec, why = measure_record(path, m.runtime, m.precision, m.threads, eval_set,
+                                      (m.accuracy or {}).get("predictions_sha256"))
+        except Exception as exc:  # an extra record, not the measurement: say why, keep the numbers
+            rec, why = None, f"per-image predictions could not be recomputed here: {str(exc).splitlines()[0][:200]}"
+    return dict(row, per_image=rec, **({"per_image_note": why} if why else {}))
+
+
 def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str, precision: str,
-                       device: str | None, rounds: int | None = None) -> dict[str, Any]:
-    """Candidate and baseline measured alternately (A B A B ...) in this job.
+                       device: str | None) -> dict[str, Any]:
+    """Candidate and baseline measured alternately (C B, B C, ...) in this job, until decided.
 
     Each round is one paired ratio; the gate judges the median of the ratios with its
-    confidence interval (pipeline.regression_stats), so `rounds` defaults to the fewest that
-    give a 95 % interval. A round in which the runner saw CPU contention on either side is
-    kept in the record but not used (`kept`), and another round is measured instead, at most
-    `rounds` extra. `ratio` (of the two median p50s) stays for older readers.
+    confidence interval (pipeline.regression_stats). At least the fewest rounds that give a
+    95 % interval are measured, then more while the verdict against
+    `gates.max_latency_regression` is inconclusive, within `gates.regression_budget_s` seconds.
+    A round in which the runner saw CPU contention on either side is kept in the record but
+    not used (`kept`), and another is measured instead. `ratio` (of the two median p50s)
+    stays for older readers.
     """
-    from pipeline.regression_stats import rounds_needed
+    from pipeline.regression_stats import CANDIDATE, interleaved_rounds, side_details
 
-    rounds = rounds or rounds_needed()
-    c: list[float] = []
-    b: list[float] = []
-    kept: list[bool] = []
-    while sum(kept) < rounds and len(kept) < 2 * rounds:
-        contended = False
-        pair = []
-        for path in (cand, base):
-            m = _measure(ctx, path, target_name, precision, None, device, [1], latency_only=True)
-            pair.append(m.p50_ms)
-            contended |= any(e.get("contended") for e in m.latency)
-        c.append(pair[0])
-        b.append(pair[1])
-        kept.append(not contended)
-    ratio = statistics.median(c) / statistics.median(b)
-    return {"ratio": ratio, "rounds": len(c), "candidate_p50_ms": c, "baseline_p50_ms": b, "kept": kept}
+    def one(side: str) -> tuple[float, bool, dict[str, Any]]:
+        m = _measure(ctx, cand if side == CANDIDATE else base, target_name, precision, None, device, [1],
+                     latency_only=True)
+        return m.p50_ms, any(e.get("contended") for e in m.latency), side_details(m)
+
+    g = ctx.recipe.gates
+    rec = interleaved_rounds(one, g.max_latency_regression, g.regression_budget_s)
+    ratio = statistics.median(rec["candidate_p50_ms"]) / statistics.median(rec["baseline_p50_ms"])
+    return {"ratio": ratio, **rec}
 
 
 def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
@@ -241,7 +263,7 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
                 results.append(dict(a, measured=False, top1=None, latency_ms=None, not_measured_reason=str(exc)))
                 ctx.log(f"  {a['runtime']}/{a['precision']}: not measured: {exc}")
                 continue
-            row = _record(a, m)
+            row = _with_per_image(_record(a, m), path, m, eval_set)
             base_art = _baseline_artifact(base_report, base_dir, a)
             if base_art is not None:
                 row["baseline_comparison"] = _interleaved_ratio(ctx, path, base_art, tgt.name, a["precision"], device)
@@ -251,20 +273,29 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
             # Not what this target runs (e.g. the ONNX beside a TensorRT target): its accuracy on this CPU
             # still says whether quantization kept the model intact before anything reaches a device.
             m = _measure(ctx, path, CPU_REFERENCE_TARGET, a["precision"], eval_set, None, [1])
-            results.append(dict(_record(a, m), latency_note="measured on this machine's CPU, not on the target"))
+            results.append(dict(_with_per_image(_record(a, m), path, m, eval_set),
+                                latency_note="measured on this machine's CPU, not on the target"))
     results += rejected_rows(ctx)
     skipped = [sk for sk in ctx.out("optimize").get("skipped", [])
                if not sk.get("rejected") and _format_spec(sk["format"]).runtime == tgt.runtime
                and _format_spec(sk["format"]).precision in tgt.precisions]
     kit = sorted({ctx.folder("optimize") / p for sk in skipped for p in sk.get("prepared", [])})
+    torch_kit = ctx.recipe.export.trt_builder != "onnx" and any(_format_spec(sk["format"]).runtime == "tensorrt"
+                                                                  for sk in skipped)
+    if torch_kit:  # torch-tensorrt: its own kit (checkpoint, model zoo source, build script), written whether
+        # or not the device is reachable, so the deploy bundle ships the builder the recipe chose
+        from export.torch_trt import write_stage_kit
+
+        kit = write_stage_kit(_student_pt(ctx), folder / "torch_trt_kit", tgt.precisions, load_bundle(ctx),
+                              ctx.recipe.export.calib_size)
     for sk in skipped:
         spec = _format_spec(sk["format"])
         why = sk["reason"] if ok else f"{reason}; {sk['reason']}"
         row = {"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
                "sha256": None, "size_bytes": None, "shipped": True, "measured": False, "top1": None,
                "latency_ms": None, "not_measured_reason": why, "parity": sk.get("parity"),
-               "prepared": [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir))
-                            for p in sk.get("prepared", [])]}
+               "prepared": [str(p.relative_to(ctx.run_dir)) for p in kit] if torch_kit and spec.runtime == "tensorrt"
+               else [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir)) for p in sk.get("prepared", [])]}
         if ok and spec.runtime == "tensorrt":
             row = _engine_row(ctx, folder, row, kit, eval_set, device)
         results.append(row)
@@ -321,12 +352,7 @@ def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Pa
     tgt = _target(ctx)
     label = f"{row['runtime']}/{row['precision']}"
     builder = ctx.recipe.export.trt_builder
-    try:
-        if builder != "onnx":  # torch-tensorrt: its own kit (checkpoint, model zoo source, build script)
-            from export.torch_trt import write_stage_kit
-
-            kit = write_stage_kit(_student_pt(ctx), folder / "torch_trt_kit", tgt.precisions, load_bundle(ctx),
-                                  ctx.recipe.export.calib_size)
+    try:  # `kit`: the optimize stage's ONNX kit, or the torch-tensorrt kit (_deploy_run wrote it)
         built = build_engines(kit, [row["precision"]], device, out_dir=folder / "engines",
                               remote_python=t.python, timeout_s=t.timeout_s, remote_tmp=t.remote_tmp or None,
                               trtexec=t.trtexec or None, builder=builder)[row["precision"]]

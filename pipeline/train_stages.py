@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -10,10 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dskd import atomic
 from dskd.checkpoint import file_sha256, load_model_file
 from dskd.errors import UserError
+from dskd.train_settings import TrainConfig, needs_teacher, recipe_settings, result_key
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.stage import RunContext, Stage
+
+log = logging.getLogger(__name__)
 
 
 def _data_config(r: Recipe) -> dict[str, Any]:
@@ -37,61 +42,59 @@ def _source_identity(spec: str) -> str:
 
 
 def _train_config(s: TrainSection) -> dict[str, Any]:
-    keys = ("model", "method", "epochs", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
-            "precision", "seed", "options")
-    return {k: getattr(s, k) for k in keys}
+    """A [teacher]/[student] section's part of the stage cache key: every recipe training setting
+    that changes the weights (dskd.train_settings marks them), so a new one cannot be left out."""
+    return result_key({f.name: getattr(s, f.name) for f in recipe_settings()})
+
+
+def train_config(ctx: RunContext, section: TrainSection, method: str, teacher: str | None) -> TrainConfig:
+    """The TrainConfig of a recipe section: its recipe settings plus the [data] section's."""
+    d = ctx.recipe.data
+    values = {f.name: getattr(section, f.name) for f in recipe_settings()}
+    values.update(
+        method=method, teacher=teacher, options=dict(section.options), data=d.spec, input_size=d.input_size,
+        in_chans=d.in_chans, train_subset=d.train_subset, limit_per_class=d.limit_per_class or None,
+        cache_dir=d.cache_dir or None, skip_bad=d.skip_bad, data_limits=data_limits(d),
+    )
+    return TrainConfig(**values)
 
 
 def train_in_folder(ctx: RunContext, section: TrainSection, method: str, teacher: str | None,
                     folder: Path) -> dict[str, Any]:
     """Train into `folder`, resuming from its `last.pt` if an earlier attempt was interrupted."""
-    from dskd.trainer import TrainConfig, train
-
-    d = ctx.recipe.data
-    cfg = TrainConfig(
-        model=section.model, data=d.spec, epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
-        weight_decay=section.weight_decay, schedule=section.schedule, warmup_epochs=section.warmup_epochs,
-        precision=section.precision, seed=section.seed, method=method, teacher=teacher,
-        options=dict(section.options), input_size=d.input_size, in_chans=d.in_chans,
-        train_subset=d.train_subset, limit_per_class=d.limit_per_class or None,
-        device=section.device, cache_dir=d.cache_dir or None, skip_bad=d.skip_bad,
-        ddp_timeout_s=section.ddp_timeout_s, data_limits=data_limits(d),
-    )
+    cfg = train_config(ctx, section, method, teacher)
     resume = (folder / "last.pt").exists()
     if resume:
         ctx.log(f"  resuming from {folder / 'last.pt'}")
-    if section.nproc > 1:
-        _train_torchrun(cfg, folder, section.nproc, resume)
-        summary = json.loads((folder / "summary.json").read_text())
-    else:
-        summary = train(cfg, folder, resume=resume)
+    summary = run_training(cfg, folder, resume)
     return {"model_pt": "model.pt", "summary": summary, "model_sha256": file_sha256(folder / "model.pt")}
 
 
-def _train_torchrun(cfg: Any, folder: Path, nproc: int, resume: bool) -> None:
-    """Run `pipeline train` under torchrun (DDP); the coordinating process waits for it."""
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "pipeline", "train", f"--model={cfg.model}", f"--data={cfg.data}", f"--epochs={cfg.epochs}",
-            f"--out={folder}", f"--method={cfg.method}", f"--batch-size={cfg.batch_size}", f"--lr={cfg.lr}",
-            f"--seed={cfg.seed}", f"--precision={cfg.precision}", f"--schedule={cfg.schedule}",
-            f"--weight-decay={cfg.weight_decay}", f"--warmup-epochs={cfg.warmup_epochs}",
-            f"--input-size={cfg.input_size}", f"--in-chans={cfg.in_chans}", f"--device={cfg.device}",
-            f"--train-subset={cfg.train_subset}", f"--ddp-timeout-s={cfg.ddp_timeout_s}"]
-    if cfg.teacher:
-        args.append(f"--teacher={cfg.teacher}")
-    if cfg.limit_per_class:
-        args.append(f"--limit-per-class={cfg.limit_per_class}")
-    if cfg.cache_dir:
-        args.append(f"--cache-dir={cfg.cache_dir}")
-    if cfg.skip_bad:
-        args.append("--skip-bad")
-    if cfg.data_limits:
-        args.append(f"--data-limits={json.dumps(cfg.data_limits)}")
+HANDOFF_FILE = "train_config.json"
+
+
+def run_training(cfg: TrainConfig, folder: Path, resume: bool) -> dict[str, Any]:
+    """Train in this process, or, for nproc > 1 outside torchrun, under torchrun (DDP): the settings
+    go to the ranks as one JSON file (`pipeline train --config`), so no setting can be lost on the way."""
+    if cfg.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _train_torchrun(cfg, Path(folder), resume)
+        return json.loads((Path(folder) / "summary.json").read_text())
+    from dskd.trainer import train
+
+    return train(cfg, folder, resume=resume)
+
+
+def _train_torchrun(cfg: TrainConfig, folder: Path, resume: bool) -> None:
+    """Run `pipeline train --config FOLDER/train_config.json` under torchrun; this process waits for it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handoff = folder / HANDOFF_FILE
+    atomic.write_json(handoff, cfg.to_dict())
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+            "-m", "pipeline", "train", f"--config={handoff}", f"--out={folder}"]
     if resume:
         args.append("--resume")
-    for k, v in cfg.options.items():
-        args += ["--set", f"{k}={json.dumps(v)}"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    log.debug("torchrun: %s", " ".join(args))
     proc = subprocess.run(args, env=env)
     if proc.returncode != 0:
         raise UserError(f"distributed training under torchrun failed (exit {proc.returncode}); see the log above. "
@@ -125,7 +128,7 @@ def _distill_config(ctx: RunContext) -> dict[str, Any]:
 def _distill_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     s = ctx.recipe.student
     teacher_pt = str(ctx.folder("teacher") / ctx.out("teacher")["model_pt"])
-    return train_in_folder(ctx, s, s.method, None if s.method == "ce" else teacher_pt, folder)
+    return train_in_folder(ctx, s, s.method, teacher_pt if needs_teacher(s.method) else None, folder)
 
 
 TEACHER = Stage("teacher", (), _teacher_config, _teacher_run, "train or load the teacher")

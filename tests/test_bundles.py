@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.bundle import INFER, MANIFEST, README, write_bundle
+from tests.fakes.trt_runtime import write_fake_tensorrt_lib
+from tests.fakes.trtexec import fake_trtexec_build
 
+pytestmark = pytest.mark.slow  # real pipeline runs, fresh interpreters, torch.export: seconds to minutes each
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {
     "teacher.model": "resnet8", "teacher.epochs": 1,
@@ -87,8 +91,6 @@ def verify_cli(path: Path) -> subprocess.CompletedProcess:
 
 def write_images(ev_path: Path, folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The test split the report was measured on, as PNG files (real images for infer.py)."""
-    from PIL import Image
-
     folder.mkdir()
     with np.load(ev_path) as ev:
         x, y, ref = ev["x"], ev["y"], ev["ref_pred"]
@@ -209,7 +211,6 @@ def test_openvino_fp32_and_int8_keep_distinct_files_and_both_run(tmp_path: Path)
     import onnx
     import openvino as ov
     from onnx import TensorProto, helper, numpy_helper
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     weights = {"fp32": rng.normal(size=(16, 3)).astype(np.float32), "int8": rng.normal(size=(16, 3)).astype(np.float32)}
@@ -255,32 +256,24 @@ def test_openvino_fp32_and_int8_keep_distinct_files_and_both_run(tmp_path: Path)
     assert list(np.argmax(x @ weights["fp32"], axis=1)) != list(np.argmax(x @ weights["int8"], axis=1))
 
 
-FAKE_TRTEXEC = '''#!{python}
-"""FAKE trtexec for tests (NOT NVIDIA's): writes a FAKE engine (JSON the FAKE tensorrt runs:
-logits = mean over pixels of x @ w.T) to --saveEngine, after checking its --onnx input exists."""
-import json, os, sys
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-assert os.path.isfile(args["onnx"]), args
-max_batch = int(args["maxShapes"].split(":")[1].split("x")[0])
-chw = [int(v) for v in args["maxShapes"].split(":")[1].split("x")[1:]]
-open(args["saveEngine"], "w").write(json.dumps({{"w": {w}, "chw": chw, "max_batch": max_batch}}))
-'''
+def fake_engine_predictions(engine: dict, paths: list[str], pre: dict) -> list[int]:
+    """What the FAKE tensorrt (tests/fakes/trt_runtime.py) computes for these images, preprocessed
+    as the deploy stage does: argmax(global-average-pool((x/255 - mean) / std) @ w.T)."""
+    size, chans = int(pre["input_size"]), int(pre["in_chans"])
+    x = np.stack([np.asarray(Image.open(p), dtype=np.float32).reshape(size, size, chans).transpose(2, 0, 1)
+                  for p in paths]) / np.float32(255.0)
+    x = (x - np.float32(pre["mean"]).reshape(1, -1, 1, 1)) / np.float32(pre["std"]).reshape(1, -1, 1, 1)
+    return np.argmax(x.mean(axis=(2, 3)) @ np.asarray(engine["w"], np.float32).T, axis=1).tolist()
 
 
 @pytest.mark.parametrize("target", TRT_TARGETS)
 def test_tensorrt_infer_builds_the_engine_with_the_bundle_script_then_runs_it(runs: dict, target: str,
                                                                               tmp_path: Path):
-    """With a FAKE tensorrt/pycuda/trtexec (no GPU here): infer.py, finding no engine, runs the
-    bundle's own build_trtexec.sh (real bash, real sha256 check of the kit), loads the engine
+    """With a FAKE tensorrt/pycuda/trtexec (tests/fakes, no GPU here): infer.py, finding no engine, runs
+    the bundle's own build_trtexec.sh (real bash, real sha256 check of the kit), loads the engine
     that script wrote through the TensorRT API path, and predicts what that engine computes."""
-    from tests.test_targets_trtexec import write_fake_tensorrt_lib
-
     lib = write_fake_tensorrt_lib(tmp_path / "fake-lib")
-    (lib / "pycuda" / "autoinit.py").write_text('"""FAKE pycuda.autoinit for tests."""\n')
-    w = np.random.default_rng(1).normal(size=(10, 1)).tolist()
-    trtexec = tmp_path / "trtexec"
-    trtexec.write_text(FAKE_TRTEXEC.format(python=sys.executable, w=w))
-    trtexec.chmod(0o755)
+    trtexec = fake_trtexec_build(tmp_path / "bin" / "trtexec")
     bundle = unpack(runs[target], target, tmp_path / "empty")
     paths, _, _ = write_images(runs[target]["eval"], tmp_path / "images")
     paths = paths[:70]  # more than one batch of 64
@@ -294,15 +287,89 @@ def test_tensorrt_infer_builds_the_engine_with_the_bundle_script_then_runs_it(ru
     assert first.returncode == 0, first.stderr
     assert "building model.fp16.engine with build_trtexec.sh" in first.stderr
     assert (bundle / "model.fp16.engine").is_file() and (bundle / "model.fp16.engine.json").is_file()
-    from PIL import Image
-
+    engine = json.loads((bundle / "model.fp16.engine").read_text())
+    assert engine["fake_engine_from"] == "model.onnx"  # the FAKE trtexec built it from the bundle's ONNX
     pre = json.loads((bundle / MANIFEST).read_text())["preprocessing"]
-    x = np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in paths]) / np.float32(255.0)
-    x = (x - np.float32(pre["mean"][0])) / np.float32(pre["std"][0])
-    expected = np.argmax(x.mean(axis=(1, 2))[:, None] @ np.asarray(w, np.float32).T, axis=1)
-    assert [r["index"] for r in json.loads(first.stdout)] == expected.tolist()
+    assert [r["index"] for r in json.loads(first.stdout)] == fake_engine_predictions(engine, paths, pre)
     again = infer()  # the engine is kept: no second build
     assert again.returncode == 0 and "building" not in again.stderr and again.stdout == first.stdout
     # The engine built on the device is not in the manifest: verify says so (verify before building).
     v = verify_cli(bundle)
     assert v.returncode == 1 and "model.fp16.engine: not in the manifest" in v.stdout
+
+
+def test_torch_tensorrt_bundle_builds_with_its_own_script_then_runs(tmp_path: Path):
+    """export.trt_builder = "torch-tensorrt": the bundle ships that builder's kit (checkpoint, model zoo
+    source, build_torch_trt.py; calib.npz for int8), its README names exactly its files and the engine's
+    real input shape, and infer.py, finding no engine, runs `python build_torch_trt.py --precision fp16`
+    (REAL torch.export of the student, FAKE torch_tensorrt converter: tests/fakes/torch_trt.py), then runs
+    that engine through the TensorRT API path (FAKE tensorrt/pycuda), in pieces of the profile's max N."""
+    import torch
+
+    from dskd.checkpoint import save_model
+    from dskd.models import create_model
+    from export.torch_trt import write_kit
+    from tests.fakes.torch_trt import write_fake_torch_trt_lib
+
+    torch.manual_seed(0)
+    chw = (1, 8, 8)
+    pre = {"input_size": 8, "in_chans": 1, "mean": [0.5], "std": [0.25], "layout": "NCHW", "input": "input",
+           "output": "logits", "scale": "x/255 then (x - mean) / std"}
+    run_dir = tmp_path / "run"
+    pt = run_dir / "student" / "model.pt"
+    pt.parent.mkdir(parents=True)
+    save_model(pt, create_model("resnet8", num_classes=4, in_chans=1).state_dict(),
+               {"model": "resnet8", "num_classes": 4, "class_names": list("abcd"), "input_size": 8, "in_chans": 1,
+                "mean": [0.5], "std": [0.25]})
+    rng = np.random.default_rng(0)
+    kit = write_kit(pt, run_dir / "stages" / "deploy" / "torch_trt_kit", ["fp16", "int8"],
+                    calib_x=rng.integers(0, 256, (16, *chw), dtype=np.uint8), mean=[0.5], std=[0.25],
+                    batches=(1, 4, 8), device="cpu")
+    rows = [{"format": f"tensorrt-{p}", "precision": p, "runtime": "tensorrt", "shipped": True, "measured": False,
+             "top1": None, "agreement": None, "path": None, "prepared": [str(f.relative_to(run_dir)) for f in kit]}
+            for p in ("fp16", "int8")]
+    meta = {"target": "jetson-orin", "runtime": "tensorrt", "labels": list("abcd"), "preprocessing": pre}
+    tar = write_bundle(tmp_path / "out" / "jetson-orin", rows, run_dir, meta)
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    with tarfile.open(tar) as t:
+        t.extractall(dest, filter="data")
+    bundle = dest / "jetson-orin"
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == sorted([INFER, MANIFEST, README, "build_torch_trt.py", "model.pt", "dskd_models.zip", "calib.npz"])
+    v = verify_cli(bundle)
+    assert v.returncode == 0, v.stdout + v.stderr
+    builds = {e["precision"]: e["build"] for e in json.loads((bundle / MANIFEST).read_text())["artifacts"]}
+    assert builds["fp16"]["builder"] == "torch-tensorrt" and "calib.npz" not in builds["fp16"]["inputs"]
+    assert builds["int8"]["inputs"] == ["calib.npz", "dskd_models.zip", "model.pt"]
+    assert builds["fp16"]["profile_shapes"] == {"min": "1x1x8x8", "opt": "4x1x8x8", "max": "8x1x8x8"}
+    readme = (bundle / README).read_text()
+    assert [ln for ln in readme.splitlines() if ln.startswith("Files: ")] == ["Files: " + ", ".join(names)]
+    assert "input 'input': float32, N x 1 x 8 x 8 (NCHW), N from 1 to 8 (the TensorRT engine's build profile)" in readme
+    assert "python3 build_torch_trt.py --precision int8" in readme and "nvidia-modelopt" in readme
+    assert mentioned_names(readme) <= set(names) | {"model.fp16.engine", "model.int8.engine"}
+
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = []
+    for i, img in enumerate(rng.integers(0, 256, (11, 8, 8), dtype=np.uint8)):
+        Image.fromarray(img).save(images / f"{i}.png")
+        paths.append(str(images / f"{i}.png"))
+    lib_trt = write_fake_tensorrt_lib(tmp_path / "trt-lib")
+    lib_tt = write_fake_torch_trt_lib(tmp_path / "tt-lib", torch_tensorrt=torch.__version__.split("+")[0], tensorrt=None)
+    env = {**_env(), "PYTHONPATH": f"{lib_trt}:{lib_tt}"}
+
+    def infer() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(bundle / INFER), "--artifact", "fp16", "--json", *paths],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    first = infer()
+    assert first.returncode == 0, first.stderr
+    assert "building model.fp16.engine with build_torch_trt.py" in first.stderr
+    engine = json.loads((bundle / "model.fp16.engine").read_bytes())
+    assert engine["fake_engine"] is True and engine["shapes"] == [[1, *chw], [4, *chw], [8, *chw]]
+    assert json.loads((bundle / "model.fp16.engine.json").read_text())["builder"] == "torch-tensorrt"
+    assert '"builder": "torch-tensorrt"' in first.stderr  # the build's own output: not in --json's stdout
+    assert [r["index"] for r in json.loads(first.stdout)] == fake_engine_predictions(engine, paths, pre)
+    again = infer()  # the engine is kept: no second build
+    assert again.returncode == 0 and "building" not in again.stderr and again.stdout == first.stdout

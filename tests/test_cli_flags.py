@@ -178,6 +178,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_real_processes_for_the_reported_cases(tmp_path):
     helped = _cli("train", "-h")  # used to set --holdout and fail
     assert helped.returncode == 0 and "--holdout HOLDOUT" in helped.stdout and not helped.stderr.strip()

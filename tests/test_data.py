@@ -605,6 +605,7 @@ def test_holdout_split() -> None:
 
 
 # ---------------------------------------------------------------- the real archive
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_JPG.is_file(), reason=f"{CIFAR_JPG} not present (shared data beside the repo)")
 def test_real_cifar10_jpg_subset(tmp_path: Path) -> None:
     b = load_data(CIFAR_JPG, cache_dir=tmp_path / "c", limit_per_class=5, progress=False)

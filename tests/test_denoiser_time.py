@@ -12,9 +12,7 @@ import torch
 
 from dskd.methods import create_distiller
 from dskd.methods.denoiser import Denoiser
-from tests.test_methods import TinyNet, batch
-
-torch.set_num_threads(1)
+from tests.helpers.nets import TinyNet, batch
 
 
 def trained_like(time_cond: str) -> Denoiser:
@@ -65,3 +63,49 @@ def test_dskd_option_builds_the_denoiser_and_trains(time_cond: str) -> None:
     _, losses = d(x, y, 0.5)
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# -- the v2 default: GroupNorm + FiLM, tested in the mode the DSKD chain really calls it ------------
+
+
+def test_group_norm_denoiser_knows_t_and_does_not_depend_on_its_batch() -> None:
+    d = Denoiser(16, 1000, "film", "group").train()
+    with torch.no_grad():
+        d.time_embed.weight.normal_(0.0, 1.0)
+        d.time_film.weight.normal_(0.0, 0.3)
+    assert sampling_gap(d) > 0.05
+    x = torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = d(x, 100)
+        assert torch.allclose(whole[:3], d(x[:3], 100), atol=1e-5)  # no other sample changes a sample's ε
+        mixed = d(x, torch.tensor([0, 100, 999, 5, 100, 3, 100, 7]))
+        assert torch.allclose(mixed[1], whole[1], atol=1e-5)  # nor the other samples' t
+        d.eval()
+        assert torch.allclose(d(x, 100), whole, atol=1e-6)  # train and eval mode: the same function
+
+
+def test_dskd_chain_calls_a_t_aware_denoiser_in_its_own_mode() -> None:
+    """Hook the denoiser inside the real DDIM chain of a default (v2) DSKD: every call gets one
+    host-side t for the whole batch, in the distiller's training mode, and on exactly those inputs
+    ε_θ(x, t) differs from ε_θ(x, t') — the denoiser knows the noise level where sampling uses it."""
+    torch.manual_seed(0)
+    d = create_distiller("dskd", TinyNet(16), TinyNet(32), {}).train()
+    assert d.denoiser.norm == "group" and d.denoiser.time_cond == "film"
+    with torch.no_grad():  # time tables as after training (non-zero)
+        d.denoiser.time_embed.weight.normal_(0.0, 1.0)
+        d.denoiser.time_film.weight.normal_(0.0, 0.3)
+    calls: list[tuple[torch.Tensor, object, bool]] = []
+    hook = d.denoiser.register_forward_pre_hook(
+        lambda m, args: calls.append((args[0].detach().clone(), args[1], m.training)))
+    x, y = batch(8)
+    with torch.no_grad():
+        z_t, _ = d.teacher_outputs(x)
+        a_s = d.adapter(d.student.forward_features(x))
+    d.denoise(a_s, d.guidance_target(y, z_t))
+    hook.remove()
+    assert len(calls) == d.options["steps"]
+    for x_t, t, training in calls:
+        assert isinstance(t, int) and training  # one t for the batch, train mode: as sampling runs
+        with torch.no_grad():
+            e, e_other = d.denoiser(x_t, t), d.denoiser(x_t, (t + 300) % 1000)
+        assert float((e - e_other).abs().max() / e.abs().max()) > 0.05

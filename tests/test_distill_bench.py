@@ -24,8 +24,12 @@ def bench():
     sys.modules.pop("distill_cifar10", None)
 
 
-def cells(scores: dict[str, list[float]]) -> dict[str, dict]:
-    return {f"{v}/seed{s}": {"variant": v, "seed": s, "top1": t, "train_seconds": 1.0}
+def cells(bench, scores: dict[str, list[float]]) -> dict[str, dict]:
+    """Finished cells as the bench records them; options are those of the untuned picks."""
+    main, refs, ablation = bench.variants({})
+    options = {v.name: v.options for v in main + refs + ablation}
+    return {f"{v}/seed{s}": {"variant": v, "method": v.split("_")[0], "seed": s, "top1": t, "train_seconds": 1.0,
+                             "changes": options[v]}
             for v, tops in scores.items() for s, t in enumerate(tops)}
 
 
@@ -33,36 +37,92 @@ BASELINES = {"ce": [50.0, 51.0, 50.5], "kd": [52.0, 52.5, 51.5], "dkd": [54.0, 5
              "fitnet": [45.0, 46.0, 45.5], "lshfm": [58.0, 58.5, 57.5], "diffkd": [54.0, 53.5, 54.5]}
 
 
-def test_verdict_needs_a_gap_larger_than_the_seed_spread(bench) -> None:
+def test_verdict_needs_a_gap_larger_than_the_seed_spread_and_the_branch_gain(bench) -> None:
     budget = bench.Budget()
-    met = bench.verdict({"cells": cells({**BASELINES, "dskd": [61.0, 61.5, 60.5]})}, budget)
+    met = bench.verdict({"cells": cells(bench, {**BASELINES, "dskd": [61.0, 61.5, 60.5],
+                                                "dskd_nofeat": [59.0, 59.5, 59.0]})}, budget, {})
     assert met[0].startswith("**Goal met**")
     assert all("→ above by more than the spread" in ln for ln in met if ln.startswith("- vs"))
+    assert any("dskd − dskd_nofeat): +1.83 points → meets" in ln for ln in met)
 
-    close = bench.verdict({"cells": cells({**BASELINES, "dskd": [58.2, 59.0, 57.4]})}, budget)
-    assert close[0].startswith("**Goal not met**")
+    close = bench.verdict({"cells": cells(bench, {**BASELINES, "dskd": [58.2, 59.0, 57.4],
+                                                  "dskd_nofeat": [58.0, 58.0, 58.0]})}, budget, {})
+    assert close[0].startswith("**Goal not met**") and "adds < 1.5 points" in close[0]
     (lshfm,) = [ln for ln in close if ln.startswith("- vs lshfm")]
     # mean gap +0.20 < larger std 0.80; paired per seed +0.20, +0.50, -0.10
     assert "+0.20 points (larger seed std 0.80; paired per seed +0.20, +0.50, -0.10, DSKD ahead on 2/3)" in lshfm
     assert "NOT above" in lshfm
 
-    partial = bench.verdict({"cells": cells({**BASELINES, "dskd": [61.0]})}, budget)
-    assert partial[0].startswith("**Goal not met**") and "fewer than 3 seeds for dskd" in partial[0]
+    partial = bench.verdict({"cells": cells(bench, {**BASELINES, "dskd": [61.0]})}, budget, {})
+    assert partial[0].startswith("**Goal not met**") and "fewer than 3 seeds for dskd, dskd_nofeat" in partial[0]
+
+
+def test_verdict_compares_with_the_better_of_tuned_and_reference_rows(bench) -> None:
+    tuning = {"lshfm_v1/seed0": {"method": "lshfm", "changes": bench.GRID["lshfm"][2][1], "holdout_top1": 60.0},
+              "lshfm_ref/seed0": {"method": "lshfm", "changes": {}, "holdout_top1": 50.0}}
+    main, refs, _ = bench.variants(tuning)
+    lshfm = next(v for v in main if v.name == "lshfm")
+    assert lshfm.options == bench.GRID["lshfm"][2][1]
+    data = {"cells": cells(bench, {**BASELINES, "dskd": [61.0, 61.5, 60.5], "dskd_nofeat": [50.0] * 3})}
+    for s, t in enumerate([57.0, 57.5, 56.5]):  # the tuned pick is worse than the reference row here
+        data["cells"][f"lshfm/seed{s}"] = {"variant": "lshfm", "method": "lshfm", "seed": s, "top1": t,
+                                           "train_seconds": 1.0, "changes": lshfm.options}
+    for s, t in enumerate([60.9, 61.0, 61.1]):
+        data["cells"][f"lshfm_ref/seed{s}"] = {"variant": "lshfm_ref", "method": "lshfm", "seed": s, "top1": t,
+                                               "train_seconds": 1.0, "changes": {}}
+    lines = bench.verdict(data, bench.Budget(), tuning)
+    (row,) = [ln for ln in lines if ln.startswith("- vs lshfm")]
+    assert "best row: `lshfm_ref`" in row and "NOT above" in row
+    # A cell made with other options (a stale definition) does not count.
+    data["cells"]["dskd/seed0"]["changes"] = {"t0": 400}
+    assert "fewer than 3 seeds for dskd" in bench.verdict(data, bench.Budget(), tuning)[0]
+
+
+def test_pick_rule_and_equal_tuning_budget(bench) -> None:
+    plan = bench.tuning_plan()
+    for method in bench.METHOD_ORDER:
+        assert 1 <= len([r for r in plan if r[1] == method]) <= bench.CONFIGS_PER_METHOD
+    assert {len(bench.GRID[m]) for m in bench.METHOD_ORDER if m != "ce"} == {bench.CONFIGS_PER_METHOD}
+    for method, ref in bench.REFERENCE_ROWS.items():  # the reference default is each grid's first entry
+        assert bench.GRID[method][0] == (ref, {}, bench.GRID[method][0][2])
+
+    def rec(method: str, i: int, score: float) -> tuple[str, dict]:
+        name, changes, _ = bench.GRID[method][i]
+        return f"{name}/seed{bench.TUNING_SEED}", {"method": method, "changes": changes, "holdout_top1": score}
+
+    tuning = dict([rec("kd", 0, 50.0), rec("kd", 1, 52.0), rec("kd", 2, 52.0), rec("dkd", 0, 40.0)])
+    p = bench.picks(tuning)
+    assert p["kd"]["config"] == bench.GRID["kd"][1][0] and p["kd"]["complete"]  # tie: the one listed first
+    assert p["dkd"]["tuned"] and not p["dkd"]["complete"]
+    assert p["fitnet"] == {"config": "fitnet_ref", "changes": {}, "tuned": False, "complete": False}
+    # A record whose configuration has since changed is not a score for it.
+    key, stale = rec("kd", 1, 99.0)
+    tuning[key] = {**stale, "changes": {"tau": 8.0}}
+    assert bench.picks(tuning)["kd"]["config"] == bench.GRID["kd"][2][0]
+    # Reference rows that equal the pick are not trained twice; the nofeat ablation follows DSKD's pick.
+    names = [v.name for v, s in bench.cell_order((0,), {})]
+    assert "lshfm_ref" not in names and "fitnet_ref" not in names and names[-1] == "dskd_nofeat"
+    _, _, (nofeat,) = bench.variants({})
+    assert nofeat.options == {**bench.GRID["dskd"][0][1], **bench.NOFEAT}
 
 
 def test_render_keeps_the_hand_written_notes_and_other_sections(bench, tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"# Benchmarks\n\n## Other\n\nkeep me\n\n{bench.SECTION}\n\nold table\n\n"
                     f"{bench.NOTES_START}\nmy notes\n{bench.NOTES_END}\n\n## Later\n\nkeep me too\n")
-    data = {"budget": bench.Budget().key(), "cells": cells({**BASELINES, "dskd": [55.0, 55.5, 54.5]}),
+    data = {"budget": bench.Budget().key(), "cells": cells(bench, {**BASELINES, "dskd": [55.0, 55.5, 54.5]}),
             "teacher": {"top1": 74.0}, "machine": {}, "commands": ["python bench/distill_cifar10.py"]}
-    bench.write_docs(bench.render(data, tmp_path / "r.json"), docs)
+    cross = {**data, "budget": bench.BUDGETS["cross"].key(), "commands": ["python bench/distill_cifar10.py --budget cross"]}
+    bench.write_docs(bench.render(data, tmp_path / "r.json", cross, tmp_path / "c.json"), docs)
     text = docs.read_text()
     assert "keep me\n" in text and "keep me too" in text and "old table" not in text
     assert f"{bench.NOTES_START}\nmy notes\n{bench.NOTES_END}" in text
-    assert "| DSKD (pooled LSH" in text and "55.00 ± 0.50 | 3 | 55.00, 55.50, 54.50" in text
+    assert "| DSKD, tuned: dskd_v2 (untuned) | `{}` | 55.00 ± 0.50 | 3 | 55.00, 55.50, 54.50" in text
+    assert "`resnet20` → `mobilenetv2`" in text and "--budget cross`" in text
+    assert "(= tuned pick, same cells as `lshfm`) | `{}` | 58.00 ± 0.50" in text
 
 
+@pytest.mark.slow
 def test_cells_are_saved_as_they_finish_and_skipped_when_rerun(bench, tmp_path: Path, capsys) -> None:
     torch.set_num_threads(1)
     results, work = tmp_path / "r.json", tmp_path / "work"
@@ -72,9 +132,11 @@ def test_cells_are_saved_as_they_finish_and_skipped_when_rerun(bench, tmp_path: 
     first = json.loads(results.read_text())
     assert sorted(first["cells"]) == ["ce/seed0", "dskd/seed0"]
     dskd = first["cells"]["dskd/seed0"]
-    assert dskd["options"]["detach_adapter_input"] is False and dskd["options"]["lsh_on"] == "pooled"
+    assert dskd["changes"] == bench.GRID["dskd"][0][1] and dskd["method"] == "dskd"
     assert 0 <= dskd["top1"] <= 100 and "holdout_top1" not in dskd
     assert first["teacher"]["top1"] > 0
+    (stage,) = first["stages"]  # the command and the load average at its start and end
+    assert stage["stage"] == "cells" and "--only ce,dskd" in stage["command"] and len(stage["load_avg_1m"]) == 2
 
     capsys.readouterr()
     assert bench.main(args) == 0  # everything done: nothing retrained, nothing rewritten
@@ -82,12 +144,21 @@ def test_cells_are_saved_as_they_finish_and_skipped_when_rerun(bench, tmp_path: 
     assert "[bench] cell" not in out and "training teacher" not in out
     assert json.loads(results.read_text())["cells"] == first["cells"]
 
+    # A cross-family budget takes its picks from a same-family file and never tunes itself.
+    assert bench.main(["--budget", "smoke_cross", "--data", "digits", "--stage", "tune", "--results",
+                       str(tmp_path / "c.json"), "--picks-from", str(results), "--work", str(work)]) == 2
+    assert "reuses the picks of" in capsys.readouterr().err
+    assert bench.main(["--budget", "smoke_cross", "--data", "digits", "--stage", "cells", "--results",
+                       str(tmp_path / "c.json"), "--picks-from", str(tmp_path / "none.json"), "--work", str(work)]) == 2
+    assert "none.json: no tuning results to take the picks from" in capsys.readouterr().err
+
     # Another budget must not mix into this file: refused, naming the file and the fix.
     assert bench.main([*args, "--epochs", "2"]) == 2
     assert "made with a different budget; pass --results NEW.json or delete it" in capsys.readouterr().err
     assert json.loads(results.read_text())["cells"] == first["cells"]
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_without_a_gpu():
     """bench/gpu_check.py is for a lent GPU; on a CPU machine it says so and exits 2."""
 

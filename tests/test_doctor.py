@@ -27,10 +27,10 @@ from deploy_targets.doctor import (
 )
 from dskd.errors import UserError
 from export.torch_trt import check_versions
-from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_server
+from tests._sshd import Sshd, free_port, keygen
+from tests.fakes.device import fake_python, needs_sshd
 from tests.fakes.jetson import make_fake_jetson, set_state, write_fake_python_lib
 
-needs_sshd = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -76,14 +76,21 @@ def test_power_modes_and_thermal():
 
 
 def test_torch_tensorrt_version_rules():
+    """The pairs of the torch-tensorrt release notes (sources in docs/export.md)."""
     assert check_versions("2.6.0+cu124", "2.6.0", "10.7.0.post1").status == "PASS"
     torch_off = check_versions("2.5.1", "2.6.0", "10.7.0")
     assert torch_off.status == "FAIL" and "needs torch 2.6" in torch_off.detail
     trt_off = check_versions("2.6.0", "2.6.0", "10.3.0")
     assert trt_off.status == "WARN" and "built for TensorRT 10.7" in trt_off.warning
-    assert check_versions("2.7.0", "2.8.0", "10.3.0", tegra=True).status == "PASS"  # Jetson wheels
-    assert check_versions("2.8.0", "2.8.0", "10.3.0", tegra=True).status == "FAIL"
-    assert check_versions("2.13.0", "2.13.0", "10.14.1").status == "WARN"  # newer than the table
+    assert check_versions("2.8.0", "2.8.0", "10.12.0.36").status == "PASS"  # x86-64 / SBSA wheels
+    # Jetson Orin (JetPack 6.2): torch-tensorrt 2.8 with torch 2.8 over JetPack's TensorRT 10.3
+    assert check_versions("2.8.0", "2.8.0", "10.3.0", tegra=True).status == "PASS"
+    assert check_versions("2.8.0", "2.8.0", "10.3.0").status == "WARN"  # not the x86 pin
+    assert check_versions("2.7.0", "2.8.0", "10.3.0", tegra=True).status == "FAIL"
+    assert check_versions("2.13.0", "2.13.0", "11.0.0").status == "PASS"  # TensorRT 11 from 2.13
+    assert check_versions("2.14.1", "2.14.1", "11.1.0", tegra=True).status == "PASS"
+    assert check_versions("2.16.0", "2.16.0", "11.4.0").status == "WARN"  # newer than the table
+    assert check_versions("2.7.0", "2.7.0", "10.9.0").status == "WARN"  # no cited pin: untested
     assert check_versions(None, "2.6.0", "10.7.0").status == "FAIL"
 
 
@@ -150,6 +157,7 @@ def test_unreachable_device_fails_fast_with_cli_exit_1(capsys: pytest.CaptureFix
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 def test_run_stops_before_training_when_the_device_fails(tmp_path: Path):
     from deploy_targets.errors import DeviceError
     from pipeline.preflight import training_ahead
@@ -166,23 +174,15 @@ def test_run_stops_before_training_when_the_device_fails(tmp_path: Path):
 
 # --------------------------------------------------------------------------- the FAKE Jetson over SSH
 @pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory):
-    if sshd_missing_reason():
-        pytest.skip(str(sshd_missing_reason()))
-    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def board(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fake-jetson")
     make_fake_jetson(root / "ok")
     make_fake_jetson(root / "no-trtexec", trtexec_banner=None)
     libs = {name: write_fake_python_lib(root / f"lib-{name}", **kw) for name, kw in {
-        "good": {}, "trt-mismatch": {"tensorrt": "10.7.0"}, "old-torch": {"torch": "2.6.0"},
+        "good": {}, "trt-mismatch": {"tensorrt": "10.7.0"}, "old-torch": {"torch": "2.7.0"},
         "no-pycuda": {"pycuda": None}}.items()}
     return {"root": root / "ok", "bare": root / "no-trtexec",
-            "python": {k: f"env PYTHONPATH={v} {sys.executable}" for k, v in libs.items()}}
+            "python": {k: fake_python(v) for k, v in libs.items()}}
 
 
 @pytest.fixture()
@@ -196,6 +196,7 @@ def _doctor(sshd: Sshd, board: dict, python: str = "good", **kw):
     return run_doctor("jetson-orin", sshd.device, ssh=sshd.options(), remote_python=board["python"][python], **kw)
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_healthy_fake_jetson_passes_every_check(sshd: Sshd, jetson: dict, tmp_path: Path):
     rep = _doctor(sshd, jetson, remote_tmp=str(tmp_path))
@@ -213,6 +214,7 @@ def test_healthy_fake_jetson_passes_every_check(sshd: Sshd, jetson: dict, tmp_pa
     assert list(tmp_path.iterdir()) == []  # the temp folder the doctor made is gone
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_board_below_max_clocks_warns_or_fails_on_request(sshd: Sshd, jetson: dict):
     # 15 W mode, clocks scaling, 97 °C, and jetson_clocks refusing a non-root user (sysfs is read instead)
@@ -228,6 +230,7 @@ def test_board_below_max_clocks_warns_or_fails_on_request(sshd: Sshd, jetson: di
     assert not strict.ok and [c.name for c in strict.failures()] == ["power mode", "clocks"]
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_unknown_host_key_and_refused_login_fail_with_their_fix(sshd: Sshd, jetson: dict, tmp_path: Path):
     empty = tmp_path / "known_hosts"
@@ -243,6 +246,7 @@ def test_unknown_host_key_and_refused_login_fail_with_their_fix(sshd: Sshd, jets
     assert [c.name for c in rep.failures()] == ["login"] and "ssh-copy-id" in line(rep, "login")
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_device_problems_each_fail_with_their_fix(sshd: Sshd, jetson: dict):
     rep = _doctor(sshd, jetson, python="trt-mismatch")  # trtexec 10.3 beside python's tensorrt 10.7
@@ -252,10 +256,10 @@ def test_device_problems_each_fail_with_their_fix(sshd: Sshd, jetson: dict):
     assert [c.name for c in rep.failures()] == ["pycuda"] and "-m pip install pycuda" in line(rep, "pycuda")
     rep = _doctor(sshd, jetson, root=str(jetson["bare"]))  # no trtexec anywhere
     assert [c.name for c in rep.failures()] == ["trtexec"] and "target.trtexec" in line(rep, "trtexec")
-    rep = _doctor(sshd, jetson, python="old-torch")  # torch 2.6 under torch-tensorrt 2.8
+    rep = _doctor(sshd, jetson, python="old-torch")  # torch 2.7 under torch-tensorrt 2.8
     assert rep.ok and statuses(rep)["torch↔TRT"] == "WARN"  # onnx builder: torch-tensorrt not used
     rep = _doctor(sshd, jetson, python="old-torch", builder="torch-tensorrt")
-    assert [c.name for c in rep.failures()] == ["torch↔TRT"] and "needs torch 2.7" in line(rep, "torch↔TRT")
+    assert [c.name for c in rep.failures()] == ["torch↔TRT"] and "needs torch 2.8" in line(rep, "torch↔TRT")
     rep = run_doctor("jetson-orin", sshd.device, ssh=sshd.options(), remote_python="/nonexistent/python3",
                      root=str(jetson["root"]))
     assert "python" in [c.name for c in rep.failures()] and "not found" in line(rep, "python")
@@ -263,6 +267,7 @@ def test_device_problems_each_fail_with_their_fix(sshd: Sshd, jetson: dict):
     assert [c.name for c in rep.failures()] == ["temp folder"] and "/nonexistent/tmp" in line(rep, "temp folder")
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_not_a_jetson_and_ssh_cpu(sshd: Sshd, jetson: dict):
     rep = _doctor(sshd, jetson, root="")  # the sshd host itself: no /etc/nv_tegra_release
@@ -270,3 +275,48 @@ def test_not_a_jetson_and_ssh_cpu(sshd: Sshd, jetson: dict):
     rep = run_doctor("ssh-cpu", sshd.device, ssh=sshd.options(), remote_python=sys.executable)
     assert rep.ok and list(statuses(rep)) == ["reachable", "host key", "python", "numpy", "onnxruntime",
                                               "temp folder"]
+
+
+@pytest.mark.slow
+@needs_sshd
+def test_jetson_measurement_records_the_board_before_and_after(sshd: Sshd, jetson: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """A real measurement over the sshd (the runner with a FAKE tensorrt engine) on the FAKE Jetson:
+    its record carries power mode, clock state and temperature before and after; a board below its
+    maximum clocks is flagged in the measurement's warnings and fails `gates.require_max_clocks`."""
+    import json
+
+    import numpy as np
+
+    from deploy_targets import Protocol, doctor, measure, write_eval_npz
+    from tests.fakes.trt_runtime import write_fake_tensorrt_lib
+
+    monkeypatch.setattr(doctor, "BOARD_ROOT", str(jetson["root"]))
+    lib = write_fake_tensorrt_lib(tmp_path / "lib")
+    engine = tmp_path / "model.fp16.engine"
+    engine.write_text(json.dumps({"w": [[1.0], [-1.0]], "chw": [1, 4, 4], "max_batch": 8}))  # FAKE engine
+    x = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4), dtype=np.uint8)
+    ev = write_eval_npz(tmp_path / "eval.npz", x, np.zeros(12, np.int64), [0.5], [0.25])
+    fast = Protocol(warmup_seconds=0.02, min_iters=10, min_seconds=0.05, contention_retries=0)
+
+    def run() -> dict:
+        m = measure(engine, "jetson-orin", eval_set=ev, device=sshd.device, precision="fp16", ssh=sshd.options(),
+                    remote_python=fake_python(lib), protocol=fast, batch_sizes=(1,), remote_tmp=str(tmp_path))
+        return {"environment": m.environment, "warnings": m.warnings}
+
+    healthy = run()
+    state = healthy["environment"]["board_state"]
+    board_warnings = [w for w in healthy["warnings"] if "clocks" in w or "throttling" in w]  # (not CoV noise)
+    assert state["at_max_clocks"] is True and board_warnings == []
+    for when in ("before", "after"):
+        assert state[when]["power_mode"] == "MAXN" and state[when]["clocks_locked"] is True
+        assert state[when]["max_temp_c"] == 45.0 and state[when]["throttling"] is False
+    assert clocks_gate({"target": {"environment": healthy["environment"]}})[0] is True
+    set_state(jetson["root"], power_mode=1, clocks_locked=False, temp_c=97.0)  # 15 W, scaling, hot
+    slow = run()
+    state = slow["environment"]["board_state"]
+    assert state["at_max_clocks"] is False and state["before"]["power_mode"] == "15W"
+    assert state["after"]["max_temp_c"] == 97.0 and state["throttling"] is True
+    assert any("not at maximum clocks" in w for w in slow["warnings"])
+    assert any("throttling" in w for w in slow["warnings"])
+    assert clocks_gate({"target": {"environment": slow["environment"]}})[0] is False

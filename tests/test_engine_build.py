@@ -1,9 +1,9 @@
 """Building TensorRT engines where they run (over a real sshd, or locally), then measuring them.
 
 TensorRT cannot exist here, so the device side uses TEST DOUBLES, clearly named:
-* a FAKE `trtexec` (a Python script) that prints trtexec's version banner, checks the
+* a FAKE `trtexec` (tests/fakes/trtexec.py) that prints trtexec's version banner, checks the
   flags build_trtexec.sh passes and writes a FAKE engine (JSON) where --saveEngine says;
-* the FAKE `tensorrt` / `pycuda.driver` modules of tests/test_targets_trtexec.py, which run
+* the FAKE `tensorrt` / `pycuda.driver` modules of tests/fakes/trt_runtime.py, which run
   that JSON "engine" with numpy inside the real runner.
 Everything else is real: the kit's build_trtexec.sh from export.tensorrt_cmd, bash, sshd,
 ssh/scp, the runner, and the pipeline's stages.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,56 +23,17 @@ from deploy_targets import DeviceError, Protocol, measure, write_eval_npz
 from deploy_targets.engine_build import TRTEXEC_CANDIDATES, build_engines
 from dskd.errors import UserError
 from export.tensorrt_cmd import build_script
-from tests._sshd import Sshd, sshd_missing_reason, sshd_server
-from tests.test_targets_trtexec import write_fake_tensorrt_lib
+from tests._sshd import Sshd
+from tests.fakes import write_exe
+from tests.fakes.device import fake_python, needs_sshd
+from tests.fakes.trt_runtime import write_fake_tensorrt_lib
+from tests.fakes.trtexec import fake_nvidia_smi, fake_trtexec_build
 
-needs_sshd = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
 pytestmark = pytest.mark.timeout(180)
 
 FAST = Protocol(warmup_seconds=0.02, min_iters=15, min_seconds=0.05, contention_retries=0)
 CHW = (3, 8, 8)
 CLASSES = 4
-
-FAKE_TRTEXEC = '''#!{python}
-"""FAKE trtexec for tests (NOT NVIDIA's). Mode: {mode}.
-Prints the version banner trtexec prints first, checks the build flags of TensorRT 10.x
-and writes a FAKE engine: JSON that the FAKE tensorrt module runs (logits = GAP(x) @ w.T)."""
-import hashlib, json, os, random, sys, time
-print("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # " + " ".join(sys.argv), flush=True)
-if "--help" in sys.argv:
-    print("=== Build Options ===")
-    sys.exit(0)
-mode = {mode!r}
-if mode == "fail":
-    print("[E] [TRT] ModelImporter.cpp:771: ERROR: No importer registered for op: FakeOp")
-    print("&&&& FAILED TensorRT.trtexec [TensorRT v100300]")
-    sys.exit(1)
-if mode == "slow":
-    time.sleep(120)
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
-flags = sorted(a for a in sys.argv[1:] if "=" not in a)
-onnx = args["onnx"]
-int8 = onnx.endswith(".qdq.onnx")
-assert ("--int8" in flags) == int8 and "--fp16" in flags and "--skipInference" in flags, sys.argv
-assert args["memPoolSize"].startswith("workspace:") and args["timingCacheFile"], sys.argv
-import onnx as onnx_lib
-model = onnx_lib.load(onnx)
-classes = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
-dims = [int(d) for d in args["maxShapes"].split(":")[1].split("x")]
-blob = open(onnx, "rb").read()
-rng = random.Random(hashlib.sha256(blob).hexdigest() + str(int8))
-w = [[rng.gauss(0.0, 1.0) for _ in range(dims[1])] for _ in range(classes)]
-json.dump({{"w": w, "chw": dims[1:], "max_batch": dims[0], "fake_engine_from": os.path.basename(onnx),
-            "onnx_sha256": hashlib.sha256(blob).hexdigest(), "flags": flags}}, open(args["saveEngine"], "w"))
-print("[I] Engine built in 0.01 sec.")
-print("&&&& PASSED TensorRT.trtexec [TensorRT v100300]")
-'''
-
-FAKE_NVIDIA_SMI = '''#!/bin/sh
-# FAKE nvidia-smi for tests (NOT NVIDIA's): answers the GPU-name query only.
-echo "FAKE GPU 3000"
-'''
-
 
 def _tiny_onnx(path: Path) -> None:
     """input N×3×8×8 -> GlobalAveragePool -> Flatten -> Gemm -> logits N×4 (a real ONNX model)."""
@@ -88,12 +47,6 @@ def _tiny_onnx(path: Path) -> None:
         "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *CHW])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def _write_exe(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +63,11 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     script = kit / "build_trtexec.sh"
     script.write_text(build_script(["fp16", "int8"], CHW, "model.onnx", "model.int8.qdq.onnx", sums,
                                    batches=(1, 4, 8), workspace_mib=64))
-    bins = {}
-    for mode in ("ok", "fail", "slow"):
-        folder = root / f"bin-{mode}"
-        folder.mkdir()
-        bins[mode] = _write_exe(folder / "trtexec", FAKE_TRTEXEC.format(python=sys.executable, mode=mode))
-    _write_exe(root / "bin-ok" / "nvidia-smi", FAKE_NVIDIA_SMI)
+    bins = {mode: fake_trtexec_build(root / f"bin-{mode}" / "trtexec", mode) for mode in ("ok", "fail", "slow")}
+    fake_nvidia_smi(root / "bin-ok" / "nvidia-smi")
     lib = write_fake_tensorrt_lib(root / "lib")
     return {"kit": sorted(kit.iterdir()), "kit_dir": kit, "trtexec": bins, "lib": lib, "root": root,
-            "python": f"env PYTHONPATH={lib} {sys.executable}"}
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory):
-    if sshd_missing_reason():
-        pytest.skip(str(sshd_missing_reason()))
-    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
+            "python": fake_python(lib)}
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +107,7 @@ def _one_line(exc: BaseException) -> str:
     return str(exc)
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_build_over_ssh_then_measure_the_downloaded_engine(sshd: Sshd, fakes: dict, tmp_path: Path,
                                                           remote_tmp: Path):
@@ -210,6 +152,7 @@ def test_build_over_ssh_then_measure_the_downloaded_engine(sshd: Sshd, fakes: di
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_rerun_reuses_the_engine_cached_on_the_device(sshd: Sshd, fakes: dict, tmp_path: Path, remote_tmp: Path,
                                                       engine_cache: Path):
@@ -249,6 +192,7 @@ def test_engine_cache_key_covers_every_input():
         assert engine_cache_key(**dict(base, **change)) != key, change
 
 
+@pytest.mark.slow
 def test_local_build_finds_trtexec_on_path_and_records_the_gpu(fakes: dict, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PATH", f"{fakes['trtexec']['ok'].parent}{os.pathsep}{os.environ['PATH']}")
@@ -263,6 +207,7 @@ def test_local_build_finds_trtexec_on_path_and_records_the_gpu(fakes: dict, tmp_
     assert again["fp16"].tensorrt_version == "8.6.1"
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_missing_trtexec_is_one_line_naming_host_and_fix(sshd: Sshd, fakes: dict, tmp_path: Path,
                                                          remote_tmp: Path):
@@ -278,6 +223,7 @@ def test_missing_trtexec_is_one_line_naming_host_and_fix(sshd: Sshd, fakes: dict
     assert list(remote_tmp.iterdir()) == [] and list(tmp_path.iterdir()) == [remote_tmp]
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_failing_build_keeps_the_log_and_names_the_error(sshd: Sshd, fakes: dict, tmp_path: Path,
                                                          remote_tmp: Path):
@@ -293,6 +239,7 @@ def test_failing_build_keeps_the_log_and_names_the_error(sshd: Sshd, fakes: dict
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.slow
 @needs_sshd
 def test_build_timeout_is_bounded_and_cleans_up(sshd: Sshd, fakes: dict, tmp_path: Path, remote_tmp: Path):
     with pytest.raises(DeviceError) as err:
@@ -303,6 +250,7 @@ def test_build_timeout_is_bounded_and_cleans_up(sshd: Sshd, fakes: dict, tmp_pat
     assert _processes_working_in(remote_tmp) == []  # the fake trtexec was stopped, not left running
 
 
+@pytest.mark.slow
 def test_corrupted_kit_and_bad_arguments(fakes: dict, tmp_path: Path):
     kit = tmp_path / "kit"
     shutil.copytree(fakes["kit_dir"], kit)
@@ -328,11 +276,13 @@ def _user_ssh_config(sshd: Sshd, folder: Path) -> Path:
     cfg.write_text(f"Host 127.0.0.1\n  IdentityFile {sshd.client_key}\n  IdentitiesOnly yes\n"
                    f"  UserKnownHostsFile {sshd.known_hosts}\n")
     for tool in ("ssh", "scp"):
-        _write_exe(folder / tool, f'#!/bin/sh\nexec {shutil.which(tool)} -F {cfg} "$@"\n')
+        write_exe(folder / tool, f'#!/bin/sh\nexec {shutil.which(tool)} -F {cfg} "$@"\n')
     return folder
 
 
+@pytest.mark.slow
 @needs_sshd
+@pytest.mark.timeout(600)  # trains a tiny student on a shared 2-core machine, then builds and measures twice
 def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fakes: dict, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   engine_cache: Path):
@@ -379,6 +329,7 @@ def test_pipeline_builds_engines_on_the_device_and_measures_them(sshd: Sshd, fak
         assert "FakeOp" in a["not_measured_reason"]
 
 
+@pytest.mark.slow
 @needs_sshd
 @pytest.mark.timeout(600)  # trains a tiny student, then two torch.export builds on a 2-core machine
 def test_pipeline_with_the_torch_tensorrt_builder(sshd: Sshd, fakes: dict, tmp_path: Path,
@@ -403,7 +354,7 @@ def test_pipeline_with_the_torch_tensorrt_builder(sshd: Sshd, fakes: dict, tmp_p
         "teacher.model": "resnet8", "teacher.epochs": 1, "student.model": "resnet8", "student.epochs": 1,
         "student.method": "kd", "student.options": {}, "export.calib_size": 32, "target.name": "jetson-orin",
         "export.trt_builder": "torch-tensorrt", "target.device": sshd.device,
-        "target.python": f"env PYTHONPATH={fakes['lib']}:{lib} {sys.executable}", "target.batch_sizes": [1],
+        "target.python": fake_python(fakes["lib"], lib), "target.batch_sizes": [1],
         "target.min_iters": 10, "target.min_seconds": 0.05, "target.warmup_seconds": 0.02,
         "target.timeout_s": 300.0, "target.allow_unmeasured": True, "target.trtexec": "/nonexistent/trtexec",
     })
@@ -419,3 +370,9 @@ def test_pipeline_with_the_torch_tensorrt_builder(sshd: Sshd, fakes: dict, tmp_p
         fake = json.loads((tmp_path / "run" / a["path"]).read_bytes())
         assert fake["precisions"] == ["torch.float16"] + (["torch.int8"] if precision == "int8" else [])
         assert fake["shapes"][0] == [1, 1, 8, 8]  # the student's input, from its checkpoint
+    # the deploy bundle ships the torch-tensorrt kit (not the ONNX one) beside the engines built on the device
+    manifest = json.loads((tmp_path / "run" / "bundle" / "jetson-orin" / "manifest.json").read_text())
+    for e in (e for e in manifest["artifacts"] if e["runtime"] == "tensorrt"):
+        assert e["build"]["script"] == "build_torch_trt.py" and e["build"]["builder"] == "torch-tensorrt"
+        assert {"model.pt", "dskd_models.zip"} <= set(e["build"]["inputs"]) and e["path"] in e["files"]
+    assert "build_trtexec.sh" not in manifest["files"] and "build_torch_trt.py" in manifest["files"]

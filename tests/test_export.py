@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dskd.checkpoint import file_sha256, save_model
-from dskd.data import load_data, normalize
+from dskd.data import normalize
 from dskd.errors import UserError
 from dskd.models import create_model
 from export import (
@@ -36,53 +36,15 @@ from export.imagesets import calibration_set, parity_set, stratified_indices
 from export.onnx_inspect import onnx_quantized_weight_count
 from export.ort_quant import choose_activation_type, cpu_flags
 from export.runners import compiled_precision, openvino_predictor, ort_predictor, run_batched
+from tests.helpers.data import DIGITS_SIZE, digits, meta_for
 
-SIZE = 16
-
-
-def digits(tmp: Path, in_chans: int = 3):
-    return load_data("digits", input_size=SIZE, in_chans=in_chans, cache_dir=tmp / "cache",
-                     progress=False)
-
-
-def train_checkpoint(path: Path, bundle, model_name: str = "resnet8", epochs: int = 3,
-                     seed: int = 0, method: str = "ce") -> Path:
-    """A few CE epochs: enough for ~90%+ on digits, seconds on one thread."""
-    torch.manual_seed(seed)
-    model = create_model(model_name, num_classes=10, in_chans=int(bundle.train_x.shape[1]))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(bundle.train_x), generator=g)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = torch.nn.functional.cross_entropy(
-                model(normalize(bundle.train_x[idx], bundle.mean, bundle.std)), bundle.train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        logits = model(normalize(bundle.test_x, bundle.mean, bundle.std))
-    top1 = float((logits.argmax(1) == bundle.test_y).float().mean() * 100)
-    save_model(path, model.state_dict(), meta_for(bundle, model_name, method, top1))
-    return path
-
-
-def meta_for(bundle, model_name: str, method: str = "ce", top1: float | None = None) -> dict:
-    return {"model": model_name, "num_classes": 10, "class_names": list(bundle.class_names),
-            "input_size": SIZE, "in_chans": int(bundle.train_x.shape[1]),
-            "mean": list(bundle.mean), "std": list(bundle.std), "method": method, "top1": top1}
+SIZE = DIGITS_SIZE
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("export")
-    bundle = digits(root)
-    ckpt = train_checkpoint(root / "model.pt", bundle)
-    return root, bundle, ckpt
+def work(tmp_path_factory, digits_rgb, digits_checkpoint):
+    """A folder of this module's own, the digits data and the session's trained checkpoint."""
+    return tmp_path_factory.mktemp("export"), digits_rgb, digits_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +71,7 @@ def trt_here() -> bool:
     return tensorrt_status()[0] is not None
 
 
+@pytest.mark.slow
 def test_every_format_built_verified_and_listed(work, full):
     root, bundle, ckpt = work
     out, manifest = full
@@ -130,6 +93,7 @@ def test_every_format_built_verified_and_listed(work, full):
     assert not list(out.rglob("*.data"))
 
 
+@pytest.mark.slow
 def test_fp32_artifacts_match_pytorch(full):
     _, manifest = full
     for fmt in ("onnx", "openvino"):
@@ -141,6 +105,7 @@ def test_fp32_artifacts_match_pytorch(full):
     assert 0 < fp16["max_abs_diff"] < 0.1  # fp16 weights do change the numbers a little
 
 
+@pytest.mark.slow
 def test_int8_keeps_accuracy_and_is_really_int8(work, full):
     _, bundle, _ = work
     out, manifest = full
@@ -163,6 +128,7 @@ def test_int8_keeps_accuracy_and_is_really_int8(work, full):
         assert trt8.details["quantization"]["symmetric_activations"] is True
 
 
+@pytest.mark.slow
 def test_onnx_contract_names_batch_metadata(work, full):
     root, bundle, ckpt = work
     out, _ = full
@@ -186,6 +152,7 @@ def test_onnx_contract_names_batch_metadata(work, full):
     assert predict(x).shape == (7, 10) and predict(x[:1]).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_tensorrt_formats_prepared_and_skipped_with_reason(full):
     out, manifest = full
     if trt_here():
@@ -208,6 +175,7 @@ def test_tensorrt_formats_prepared_and_skipped_with_reason(full):
 # --------------------------------------------------------------------------- the student only
 
 
+@pytest.mark.slow
 def test_dskd_student_exports_like_a_ce_student(work, tmp_path):
     """The diffusion branch, adapter and LSH projection live in the Distiller, never in the
     student: the DSKD student's graph has the same operators and parameter count."""
@@ -238,6 +206,7 @@ def test_dskd_student_exports_like_a_ce_student(work, tmp_path):
     assert onnx_metadata(dskd_onnx)["method"] == "dskd"
 
 
+@pytest.mark.slow
 def test_op_histogram_and_param_count_see_an_extra_branch(work, tmp_path):
     """Negative control: the helpers do notice a module that should not be there."""
     from export.onnx_build import export_onnx
@@ -265,6 +234,7 @@ def test_op_histogram_and_param_count_see_an_extra_branch(work, tmp_path):
 # --------------------------------------------------------------------------- runtimes
 
 
+@pytest.mark.slow
 def test_openvino_fp32_needs_the_precision_hint(full):
     """Without INFERENCE_PRECISION_HINT=f32, CPUs with native bf16 run bf16."""
     out, _ = full
@@ -292,6 +262,7 @@ def _head_inputs_quantized(xml: Path) -> bool:
     return node.get_type_name() == "FakeQuantize"
 
 
+@pytest.mark.slow
 def test_openvino_int8_keeps_the_classifier_float_unless_asked(work, full, tmp_path):
     """The head's input (pooled features) gets one per-tensor scale in int8; a few large
     channels then leave the rest with a handful of levels (see quantize_ir_int8)."""
@@ -313,6 +284,7 @@ def test_unknown_int8_head_is_one_line_before_any_work(work, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_openvino_accuracy_control(work, tmp_path):
     """nncf.quantize_with_accuracy_control, validated on training images outside the
     calibration subset (the test split stays for the parity report)."""
@@ -349,6 +321,7 @@ def test_opset_17_uses_the_torchscript_exporter(work, tmp_path):
     assert entry.parity["max_abs_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_model_pt_alone_exports_with_synthetic_parity(work, tmp_path):
     """No data: FP formats still export (parity on noise, said so); INT8 is skipped."""
     _, _, ckpt = work
@@ -361,6 +334,7 @@ def test_model_pt_alone_exports_with_synthetic_parity(work, tmp_path):
     assert {a.format for a in manifest.artifacts} == {"onnx", "openvino", "openvino-fp16"}
 
 
+@pytest.mark.slow
 def test_manifest_merges_formats_of_the_same_checkpoint(work, tmp_path):
     _, bundle, ckpt = work
     export_format(ckpt, tmp_path, "onnx", calib=bundle, parity_size=16)
@@ -465,6 +439,7 @@ def test_opset_out_of_range(work, tmp_path):
     assert "--opset" in one_line(exc)
 
 
+@pytest.mark.slow
 def test_runtime_not_installed(work, tmp_path, monkeypatch):
     """Availability is probed with export.api.have; pretend OpenVINO is absent."""
     import export.api
@@ -491,6 +466,7 @@ def test_require_tensorrt_without_it(work, tmp_path):
     assert "TensorRT is not installed" in one_line(exc)
 
 
+@pytest.mark.slow
 def test_failed_parity_leaves_nothing_behind(work, full, tmp_path):
     """An impossible FP32 tolerance fails the export; the folder keeps its old contents."""
     from export import DEFAULT_TOLERANCES, Tolerance

@@ -6,9 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
-
-from tests.test_export import digits, train_checkpoint
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +18,9 @@ def load_bench():
     return module
 
 
-def test_bench_dry_run(tmp_path, capsys):
-    torch.set_num_threads(1)
-    bundle = digits(tmp_path)
-    ckpt = train_checkpoint(tmp_path / "ce" / "model.pt", bundle, epochs=3)
+@pytest.mark.slow
+def test_bench_dry_run(tmp_path, capsys, digits_checkpoint):
+    ckpt = digits_checkpoint  # a resnet8 trained 3 CE epochs on digits (tests/conftest.py)
     bench = load_bench()
     out = tmp_path / "export_cpu.json"
     rc = bench.main(["--models", str(ckpt), "--data", "digits", "--limit", "20",

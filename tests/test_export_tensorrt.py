@@ -1,8 +1,8 @@
 """TensorRT version handling, trtexec command lines and the generated build script.
 
 TensorRT cannot be installed on this machine (no NVIDIA GPU). The script is run for real
-with bash against `fake_trtexec`, a stand-in that records its arguments and writes the
-engine file, so the script's version branches, checksum check and engine-info files
+with bash against `fake_trtexec` (tests/fakes/trtexec.py), a FAKE that records its arguments
+and writes the engine file, so the script's version branches, checksum check and engine-info files
 are exercised; the engine build itself is skipped with the reason.
 """
 
@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from export.tensorrt_cmd import (
     trtexec_command,
 )
 from export.versions import have
+from tests.fakes.device import fake_python
+from tests.fakes.trtexec import fake_trtexec_recorder
 
 CHW = (3, 32, 32)
 V8_5, V8_6, V10, V11 = (TrtVersion(8, 5, 2), TrtVersion(8, 6, 1), TrtVersion(10, 3, 0),
@@ -129,13 +130,6 @@ def test_calibration_cache_key_covers_model_data_and_version():
 
 # --------------------------------------------------------------------------- the script
 
-FAKE_TRTEXEC = """#!/usr/bin/env bash
-# fake_trtexec: stands in for TensorRT's trtexec (not installable here)
-echo "$@" >> "$FAKE_LOG"
-for a in "$@"; do case "$a" in --saveEngine=*) echo fake-engine > "${a#--saveEngine=}";; esac; done
-"""
-
-
 @pytest.fixture()
 def kit(tmp_path):
     for name in ("model.onnx", "model.int8.qdq.onnx"):
@@ -144,11 +138,7 @@ def kit(tmp_path):
             for n in ("model.onnx", "model.int8.qdq.onnx")}
     script = build_script(["fp16", "int8"], CHW, "model.onnx", "model.int8.qdq.onnx", sums)
     (tmp_path / "build_trtexec.sh").write_text(script)
-    fake = tmp_path / "bin" / "fake_trtexec"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_TRTEXEC)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    return tmp_path, fake
+    return tmp_path, fake_trtexec_recorder(tmp_path / "bin" / "fake_trtexec")
 
 
 def run_script(kit_dir: Path, fake: Path, version: str, *args: str) -> subprocess.CompletedProcess:
@@ -280,6 +270,7 @@ def test_torch_trt_builder_names_and_command():
         parse_result("Traceback ...\n@@dskd-torch-trt {not json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_torch_trt_kit_exports_the_real_student(student_pt: Path, tmp_path: Path, precision: str):
     import torch
@@ -312,6 +303,7 @@ def test_torch_trt_kit_exports_the_real_student(student_pt: Path, tmp_path: Path
         assert np.allclose(np.asarray(logits), model(x).detach().numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_trt_script_refuses_bad_versions_and_missing_modelopt(student_pt: Path, tmp_path: Path):
     from export.torch_trt import write_kit
 
@@ -327,17 +319,16 @@ def test_torch_trt_script_refuses_bad_versions_and_missing_modelopt(student_pt: 
         write_kit(student_pt, tmp_path / "k2", ["int8"], device="cpu")
 
 
+@pytest.mark.slow
 def test_engine_build_with_the_torch_trt_builder(student_pt: Path, tmp_path: Path):
     """build_engines(builder="torch-tensorrt") on 'this device': no trtexec needed, the TensorRT
     version comes from python's (FAKE) tensorrt, the engine is cached under a builder-specific key."""
-    import sys
-
     from deploy_targets.engine_build import build_engines
     from export.torch_trt import write_kit
 
     kit = write_kit(student_pt, tmp_path / "kit", ["fp16"], batches=(1, 2, 4), device="cpu")
     lib = _fake_lib(tmp_path / "lib")
-    python = f"env PYTHONPATH={lib} {sys.executable}"
+    python = fake_python(lib)
     cache = tmp_path / "cache"
     common = dict(out_dir=tmp_path / "out", remote_python=python, timeout_s=300, builder="torch-tensorrt",
                   cache_dir=str(cache), trtexec=str(tmp_path / "no-trtexec-here"))
@@ -351,3 +342,72 @@ def test_engine_build_with_the_torch_trt_builder(student_pt: Path, tmp_path: Pat
     assert (cache / again.cache_key / "model.fp16.engine").is_file()
     with pytest.raises(UserError, match="kit lacks build_torch_trt.py"):
         build_engines([p for p in kit if p.name != "build_torch_trt.py"], ["fp16"], None, **common)
+
+
+@pytest.mark.slow
+def test_trt_check_records_what_is_absent(tmp_path: Path):
+    """bench/trt_check.py (the prepared engine-path check for a CUDA machine) run here, where neither
+    TensorRT nor torch-tensorrt can be imported: every check is recorded as not run, with why."""
+    import sys
+
+    if have("tensorrt") or have("torch_tensorrt"):
+        pytest.skip("TensorRT or torch-tensorrt is importable here: the check would run them for real")
+    repo = Path(__file__).resolve().parents[1]
+    results = tmp_path / "trt_check.json"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "trt_check.py"), "--work", str(tmp_path / "w"),
+                           "--results", str(results)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(results.read_text())
+    env = report["environment"]
+    assert env["modules"]["tensorrt"]["present"] is False and env["modules"]["torch_tensorrt"]["present"] is False
+    assert "ModuleNotFoundError" in env["modules"]["tensorrt"]["error"]
+    assert set(report["checks"]) == {"onnx-builder", "torch-tensorrt-builder", "torch-tensorrt-ep"}
+    for name, check in report["checks"].items():
+        assert check["ran"] is False and "needs CUDA" in check["why"], (name, check)
+
+
+@pytest.mark.slow
+def test_torch_trt_ep_is_built_by_the_kit_and_measured_through_torch_tensorrt_load(student_pt: Path,
+                                                                                    tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    """The optional Torch-TensorRT ExportedProgram: `build_torch_trt.py --ep` writes model.fp16.ep
+    (FAKE torch_tensorrt.compile/save: the REAL exported graph, no TensorRT) and the runner measures
+    it through `torch_tensorrt.load` (FAKE: torch.export.load): it predicts what the student does."""
+    import torch
+
+    from deploy_targets import Protocol, measure, write_eval_npz
+    from dskd.checkpoint import build_model
+    from export.torch_trt import build_command, ep_file, write_kit
+
+    write_kit(student_pt, tmp_path / "kit", ["fp16"], batches=(1, 2, 4), device="cpu")
+    lib = _fake_lib(tmp_path / "lib")
+    argv = build_command("python3", "fp16", ep=True)[1:]  # ['build_torch_trt.py', '--precision', ...]
+    proc = _run_kit(tmp_path / "kit", lib, *argv[1:])
+    assert proc.returncode == 0, proc.stderr
+    ep = tmp_path / "kit" / ep_file("fp16")
+    assert ep.is_file()
+    model, _ = build_model(student_pt)
+    x = np.random.default_rng(1).integers(0, 256, (20, *TT_CHW), dtype=np.uint8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(((x / 255.0 - 0.5) / 0.25).astype(np.float32))).argmax(1).numpy()
+    ev = write_eval_npz(tmp_path / "eval.npz", x, ref, [0.5], [0.25], ref_pred=ref)
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    m = measure(ep, "x86-gpu", eval_set=ev, precision="fp16", batch_sizes=(1, 4), eval_batch_size=4,  # profile max
+                protocol=Protocol(warmup_seconds=0.02, min_iters=10, min_seconds=0.05, contention_retries=0))
+    assert (m.runtime, m.artifact_format) == ("torch-tensorrt", "torch-trt-ep")
+    assert m.accuracy["n"] == 20 and m.accuracy["agreement"] == 1.0
+    assert [e["batch_size"] for e in m.latency] == [1, 4]  # the .ep keeps the kit's dynamic batch
+
+
+@pytest.mark.slow
+def test_torch_tensorrt_builder_never_builds_onnx_engines_here(student_pt: Path, tmp_path: Path):
+    """With export.trt_builder = "torch-tensorrt" (ExportOptions.trt_build_here=False) the export writes
+    only the ONNX device kit and says the engines come from torch-tensorrt on the target, even on a
+    machine with TensorRT, where it would otherwise build them from the ONNX itself."""
+    from export.api import export_all
+
+    with pytest.warns(UserWarning, match="synthetic noise images"):  # (no test images given: not the point here)
+        manifest = export_all(student_pt, tmp_path / "out", formats=["tensorrt-fp16"], trt_build_here=False)
+    assert [a.format for a in manifest.artifacts if a.format.startswith("tensorrt")] == []
+    (skipped,) = [s for s in manifest.skipped if s.format == "tensorrt-fp16"]
+    assert "torch-tensorrt builder" in skipped.reason and skipped.prepared

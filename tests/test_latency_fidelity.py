@@ -9,6 +9,7 @@ is bench/latency_fidelity.py (docs/benchmarks.md, "Latency fidelity").
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import warnings
 from pathlib import Path
@@ -57,6 +58,7 @@ def _interleaved(pipeline, reference) -> tuple[float, float]:
     return statistics.median(pipe), statistics.median(ref)
 
 
+@pytest.mark.slow
 def test_ort_pipeline_matches_an_iobinding_loop(tiny: dict, tmp_path: Path):
     bench = load_bench()
     proto = Protocol(warmup_seconds=0.2, min_iters=100, min_seconds=0.3, contention_retries=0)
@@ -72,6 +74,7 @@ def test_ort_pipeline_matches_an_iobinding_loop(tiny: dict, tmp_path: Path):
     assert 1 / BOUND < p / r < BOUND, f"pipeline {p:.4f} ms vs iobinding loop {r:.4f} ms"
 
 
+@pytest.mark.slow
 def test_openvino_pipeline_matches_benchmark_app(tiny: dict, tmp_path: Path):
     """OpenVINO reads the ONNX file directly; benchmark_app ships in the openvino wheel."""
     bench = load_bench()
@@ -97,3 +100,30 @@ def test_benchmark_app_median_is_parsed_in_ms():
     assert bench.parse_benchmark_app_median("[ INFO ]    Median:        2.50 ms\n") == 2.5
     with pytest.raises(RuntimeError, match="no median"):
         bench.parse_benchmark_app_median("Count: 10 iterations")
+
+
+def test_references_use_the_runners_own_settings(tmp_path: Path):
+    """benchmark_app gets the runner's compile settings and the IOBinding loop its session
+    options from the runner package itself, so a setting cannot differ between the sides."""
+    from deploy_targets.remote.dskd_runner.backend_openvino import compile_config
+
+    bench = load_bench()
+    for threads, precision in ((1, "int8"), (2, "fp32")):
+        cfg = json.loads(bench.write_ov_config(tmp_path / "ov.json", threads, precision).read_text())["CPU"]
+        assert cfg == {k: str(v) for k, v in compile_config(threads, precision, "LATENCY", 1).items()}
+        assert cfg["INFERENCE_NUM_THREADS"] == str(threads) and cfg["NUM_STREAMS"] == "1"
+    assert "from dskd_runner.backend_ort import session_options" in bench.IOBINDING_LOOP
+    cmd = bench.benchmark_app_command(Path("m.xml"), 2, tmp_path / "ov.json")
+    assert cmd[cmd.index("-t") + 1] == "2"  # the same whole seconds as the pipeline's min_seconds
+
+
+def test_bench_plan_is_validated_and_bounded(capsys: pytest.CaptureFixture):
+    bench = load_bench()
+    assert bench.main(["--models", "resnet9"]) == 2
+    assert "error: --models resnet9: choose from" in capsys.readouterr().err
+    assert bench.main(["--variants", "ORT INT4"]) == 2
+    assert bench.main(["--threads", "0"]) == 2
+    assert "error: --threads 0: expected counts >= 1 and/or 'all'" in capsys.readouterr().err
+    assert bench.main(["--seconds", "0"]) == 2
+    assert bench.main(["--max-minutes", "1"]) == 2  # the full plan takes longer: refused up front
+    assert "lower --rounds/--seconds or raise --max-minutes" in capsys.readouterr().err

@@ -11,8 +11,6 @@ from torch import nn
 from dskd.errors import UserError
 from dskd.models import count_macs, count_params, create_model, list_models, register_model
 
-torch.set_num_threads(1)
-
 ALL_MODELS = list_models()
 
 # Parameter counts at 100 classes from the RepDistiller (CRD) table; ours must be within 1%.
@@ -55,6 +53,22 @@ def test_forward_contract(name: str) -> None:
     assert isinstance(model.fc, nn.Linear) and model.fc.in_features == model.num_features
     torch.testing.assert_close(logits, via_head)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_head_pre_logits_is_the_pooled_features(name: str) -> None:
+    """forward_head(f, pre_logits=True) is global-average-pooled f (B x num_features), and fc of it is
+    the logits: methods that need pooled features (LSHFM, DSKD) get them from the model."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(3, 3, 32, 32))
+        pooled = model.forward_head(feats, pre_logits=True)
+        logits = model.forward_head(feats, pre_logits=False)
+    assert pooled.shape == (3, model.num_features)
+    torch.testing.assert_close(pooled, feats.mean(dim=(2, 3)))
+    torch.testing.assert_close(model.fc(pooled), logits)
+    assert not torch.equal(pooled[:, :7], logits)  # the flag changes what comes back
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -142,7 +156,9 @@ def test_register_model_rejects_duplicates() -> None:
         register_model(resnet20)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+# ONNX export takes seconds per model: the fast run exports two (plain and depthwise convs), the full run all.
+@pytest.mark.parametrize("name", [n if n in ("resnet8", "mobilenetv2") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ALL_MODELS])
 def test_onnx_export_has_dynamic_batch(name: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = create_model(name, num_classes=10).eval()

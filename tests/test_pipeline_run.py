@@ -15,6 +15,7 @@ from dskd.errors import UserError
 from pipeline.recipe import load_recipe
 from pipeline.report import validate_report
 from pipeline.run import execute
+from tests.helpers.cli import set_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,13 +35,6 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def set_args(overrides: dict) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "base"
@@ -54,6 +48,7 @@ def _stage_states(run_dir: Path) -> dict[str, bool]:
     return {n: s["cached"] for n, s in last["stages"].items()}
 
 
+@pytest.mark.slow
 def test_run_passes_and_writes_a_valid_report(base_run: Path):
     report = json.loads((base_run / "report.json").read_text())
     assert validate_report(report) == []
@@ -71,6 +66,7 @@ def test_run_passes_and_writes_a_valid_report(base_run: Path):
     assert "PASSED" in (base_run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_second_run_is_served_from_cache(base_run: Path):
     report = execute(load_recipe("digits-smoke", FAST), base_run)
     assert report["passed"]
@@ -79,6 +75,7 @@ def test_second_run_is_served_from_cache(base_run: Path):
     assert {n for n, cached in states.items() if not cached} == {"report"}, states
 
 
+@pytest.mark.slow
 def test_changing_a_gate_reruns_only_gate_and_report(base_run: Path, tmp_path: Path):
     report = execute(load_recipe("digits-smoke", {**FAST, "gates.max_size_mb": 4.0}), base_run)
     states = _stage_states(base_run)
@@ -87,6 +84,7 @@ def test_changing_a_gate_reruns_only_gate_and_report(base_run: Path, tmp_path: P
     execute(load_recipe("digits-smoke", FAST), base_run)  # restore for the other tests
 
 
+@pytest.mark.slow
 def test_impossible_gate_exits_1_naming_it(base_run: Path, tmp_path: Path):
     import shutil
 
@@ -99,6 +97,7 @@ def test_impossible_gate_exits_1_naming_it(base_run: Path, tmp_path: Path):
     assert "[distill] cached" in proc.stderr and "[gate] running" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bundle_verifies_and_detects_tampering(base_run: Path, tmp_path: Path):
     import shutil
     import tarfile
@@ -119,6 +118,7 @@ def test_bundle_verifies_and_detects_tampering(base_run: Path, tmp_path: Path):
         assert all(not m.name.startswith(("/", "..")) for m in tar.getmembers())
 
 
+@pytest.mark.slow
 def test_example_inference_script_runs(base_run: Path, tmp_path: Path):
     from PIL import Image
 
@@ -130,6 +130,7 @@ def test_example_inference_script_runs(base_run: Path, tmp_path: Path):
     assert proc.stdout.split()[-1] in [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_gate_command_alone_and_junit(base_run: Path, tmp_path: Path):
     junit = tmp_path / "gates.xml"
     ok = cli("gate", str(base_run / "report.json"), "--junit", str(junit))
@@ -141,6 +142,7 @@ def test_gate_command_alone_and_junit(base_run: Path, tmp_path: Path):
     assert wrong.returncode == 2 and "max_size_mb" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_baseline_catches_slowdown_and_accuracy_drop(base_run: Path, tmp_path: Path):
     # Candidate: a bigger student (about 3.4x the MACs of resnet8) trained for a single epoch.
     worse = {**FAST, "student.model": "resnet20", "student.epochs": 1,
@@ -158,6 +160,7 @@ def test_baseline_catches_slowdown_and_accuracy_drop(base_run: Path, tmp_path: P
     assert same.returncode == 0, same.stdout  # a report never regresses against itself
 
 
+@pytest.mark.slow
 def test_jetson_without_device_records_not_measured(base_run: Path, tmp_path: Path):
     import shutil
 
@@ -189,6 +192,7 @@ def test_jetson_without_device_records_not_measured(base_run: Path, tmp_path: Pa
     (["run", "--set", "target.precision=int4"], "unknown key 'target.precision'"),
     (["run", "--set", "gates.min_accuracy=3"], "unknown key 'gates.min_accuracy'"),
 ])
+@pytest.mark.slow
 def test_bad_usage_exits_2_with_one_line(args: list[str], message: str, tmp_path: Path):
     proc = cli(*args, "--out", str(tmp_path / "r"), timeout=120) if args[0] == "run" and "--force" in args else cli(*args, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -200,6 +204,7 @@ def test_bad_usage_exits_2_with_one_line(args: list[str], message: str, tmp_path
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR10.exists(), reason=f"{CIFAR10} not present (the project's CIFAR-10 archive)")
 def test_cifar10_recipe_end_to_end_on_a_subset(tmp_path: Path):
     tiny = {"data.spec": str(CIFAR10), "data.limit_per_class": 30,

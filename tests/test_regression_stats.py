@@ -181,3 +181,195 @@ def test_latency_regression_gate_with_every_round_contended_is_inconclusive():
         rows = evaluate_gates(_report_with_rounds([2.0] * 6, [1.0] * 6, [False] * 6), gates, baseline)
         row = next(r for r in rows if r.name == "max_latency_regression")
         assert (row.status, row.passed, row.value) == ("INCONCLUSIVE", passed, None) and "contended" in row.note
+
+
+# ------------------------------------------------------------------ sequential interleaved rounds
+class _Machine:
+    """A scripted measuring machine: p50 per side from a list of ratios, a clock that advances
+    `step` seconds per measurement, and contention on the rounds listed in `busy`."""
+
+    def __init__(self, ratios: list[float], step: float = 3.0, busy: tuple[int, ...] = ()) -> None:
+        self.ratios, self.step, self.busy = ratios, step, busy
+        self.now, self.calls = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def measure(self, side: str) -> tuple[float, bool]:
+        self.now += self.step
+        self.calls.append(side)
+        i = (len(self.calls) - 1) // 2
+        ratio = self.ratios[min(i, len(self.ratios) - 1)]
+        return (ratio if side == "candidate" else 1.0), i in self.busy
+
+
+def _interleave(m: _Machine, tolerance: float | None, budget: float = 60.0, **kw):
+    from pipeline.regression_stats import interleaved_rounds
+
+    return interleaved_rounds(m.measure, tolerance, budget, clock=m.clock, **kw)
+
+
+def test_interleaved_rounds_stop_as_soon_as_decided_and_alternate_the_order():
+    m = _Machine([1.00, 1.01, 0.99, 1.00, 1.02, 0.98] * 10)
+    rec = _interleave(m, 0.05)
+    assert rec["stopped"] == "decided" and rec["rounds"] == 6 and all(rec["kept"])
+    assert rec["first"] == ["candidate", "baseline"] * 3  # C B, B C, ...: no side always goes first
+    assert m.calls[:4] == ["candidate", "baseline", "baseline", "candidate"]
+    assert paired_ratio_decision(rec["candidate_p50_ms"], rec["baseline_p50_ms"], 0.05).verdict == PASS
+
+
+def test_interleaved_rounds_add_rounds_while_inconclusive_until_the_budget():
+    # one noisy round keeps 6 rounds' interval (min..max) above 1.05; later rounds narrow it
+    m = _Machine([1.00, 1.12, 0.99, 1.01, 1.00, 1.02] + [1.00, 1.01, 0.99] * 20, step=3.0)
+    rec = _interleave(m, 0.05, budget=600.0)
+    assert rec["stopped"] == "decided" and rec["rounds"] > 6
+    assert paired_ratio_decision(rec["candidate_p50_ms"], rec["baseline_p50_ms"], 0.05).verdict == PASS
+    # the same machine with a budget of 6 rounds' time: stops undecided, never fewer than 6 rounds
+    m = _Machine([1.00, 1.12, 0.99, 1.01, 1.00, 1.02] + [1.00, 1.01, 0.99] * 20, step=3.0)
+    rec = _interleave(m, 0.05, budget=30.0)
+    assert rec["stopped"] == "budget" and rec["rounds"] == 6
+    m = _Machine([1.00, 1.12, 0.99, 1.01, 1.00, 1.02] + [1.00, 1.01, 0.99] * 20, step=0.0)
+    assert _interleave(m, 0.05, max_rounds=8)["stopped"] == "max_rounds"
+
+
+def test_interleaved_rounds_measure_contended_rounds_again():
+    m = _Machine([1.0] * 40, busy=(1, 3))
+    rec = _interleave(m, 0.05)
+    assert rec["rounds"] == 8 and sum(rec["kept"]) == 6 and rec["kept"][1] is False and rec["kept"][3] is False
+    # every round contended: the budget ends it, and the gate must not guess
+    m = _Machine([1.0] * 40, busy=tuple(range(40)))
+    rec = _interleave(m, 0.05, budget=45.0)
+    assert rec["stopped"] == "budget" and not any(rec["kept"]) and rec["rounds"] == 8
+
+
+def test_interleaved_rounds_without_a_tolerance_stop_at_the_minimum():
+    rec = _interleave(_Machine([1.3] * 40), None)
+    assert rec["stopped"] == "rounds" and rec["rounds"] == rounds_needed()
+
+
+def test_sequential_rule_error_rates_by_simulation():
+    """Looking again after every round (up to 30): unchanged code is still never failed, a 20 %
+    slowdown never passed, and undecided A/A runs mostly become decisions."""
+    from pipeline.regression_stats import interleaved_rounds
+
+    rng = np.random.default_rng(3)
+    for slowdown, trials in ((0.0, 200), (0.20, 100)):
+        verdicts = []
+        for _ in range(trials):
+            cand, base = _rounds(rng, 30, slowdown)
+            rec = interleaved_rounds(_PairFeed(cand, base).measure, 0.05, 1e9, max_rounds=30)
+            verdicts.append(paired_ratio_decision(rec["candidate_p50_ms"], rec["baseline_p50_ms"], 0.05).verdict)
+        counts = {v: verdicts.count(v) for v in (PASS, FAIL, INCONCLUSIVE)}
+        if slowdown == 0.0:
+            assert counts[FAIL] == 0 and counts[PASS] >= 0.9 * trials, counts
+        else:
+            assert counts[PASS] == 0 and counts[FAIL] >= 0.9 * trials, counts
+
+
+class _PairFeed:
+    """Serves precomputed (candidate, baseline) rounds to interleaved_rounds, side by side."""
+
+    def __init__(self, cand: list[float], base: list[float]) -> None:
+        self.rounds = list(zip(cand, base, strict=True))
+        self.seen: dict[str, int] = {"candidate": 0, "baseline": 0}
+
+    def measure(self, side: str) -> tuple[float, bool]:
+        i = self.seen[side]
+        self.seen[side] += 1
+        c, b = self.rounds[i]
+        return (c if side == "candidate" else b), False
+
+
+def test_per_image_bits_round_trip():
+    from pipeline.regression_stats import decode_correct, encode_correct
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 10_000):
+        bits = (rng.random(n) < 0.9).tolist()
+        text = encode_correct(bits)
+        assert decode_correct(text, n) == bits
+    assert len(encode_correct([True] * 10_000)) < 1700
+    for bad, n in (("not base64!", 8), (encode_correct([True] * 9), 8), (encode_correct([True] * 8), 9)):
+        with pytest.raises(ValueError):
+            decode_correct(bad, n)
+
+
+def test_interleaved_rounds_keep_what_the_runner_said_about_each_side():
+    m = _Machine([1.0] * 40)
+
+    def measure(side: str):
+        p50, busy = m.measure(side)
+        return p50, busy, {"cpu_share": 0.99 if side == "candidate" else 0.98}
+
+    from pipeline.regression_stats import interleaved_rounds
+
+    rec = interleaved_rounds(measure, 0.05, 60.0, clock=m.clock)
+    assert len(rec["sides"]) == rec["rounds"] == 6
+    assert rec["sides"][0] == {"candidate": {"cpu_share": 0.99, "contended": False},
+                               "baseline": {"cpu_share": 0.98, "contended": False}}
+    assert "sides" not in _interleave(_Machine([1.0] * 40), 0.05)
+
+
+def test_round_protocol_caps_each_side_of_a_round():
+    from pipeline.regression_stats import round_protocol
+
+    assert round_protocol(200, 2.0) == {"min_iters": 100, "min_seconds": 1.0}
+    assert round_protocol(10, 0.05) == {"min_iters": 10, "min_seconds": 0.05}  # a quicker recipe stays quick
+
+
+def test_power_bench_writes_the_issues_schema():
+    """bench/latency_gate_power.py's summary from recorded trials (no measuring here): counts of
+    non-passing A/A trials (false alarms) and A/B trials (catches) per slowdown level."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "latency_gate_power.py"
+    spec = importlib.util.spec_from_file_location("latency_gate_power", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def trial(cond: str, i: int, passed: bool, status: str) -> dict:
+        return {"target": "cpu", "condition": cond, "trial": i, "passed": passed, "status": status,
+                "estimate": 1.0, "rounds": 6, "kept": 6, "seconds": 30.0}
+
+    state = {"trials": [trial("A/A", 0, True, "PASS"), trial("A/A", 1, False, "INCONCLUSIVE"),
+                        trial("0.05", 0, False, "INCONCLUSIVE"), trial("0.05", 1, True, "PASS"),
+                        trial("0.10", 0, False, "FAIL"), trial("0.10", 1, False, "FAIL"),
+                        trial("0.20", 0, False, "FAIL")],
+             "calibration": {"cpu": {"effects": {"0.05": {"slowdown": 0.051}, "0.10": {"slowdown": 0.098},
+                                                 "0.20": {"slowdown": 0.21}}}}}
+    out = bench.summarize(state, ["cpu"])["cpu"]
+    assert out == {"trials": 1, "false_alarms": 1, "caught": {"0.05": 1, "0.10": 2, "0.20": 1},
+                   "effect_measured": {"0.05": 0.051, "0.10": 0.098, "0.20": 0.21}, "seconds_per_decision": 30.0}
+    assert bench.details(state, ["cpu"])["cpu"]["conditions"]["A/A"]["verdicts"] == {
+        "PASS": 1, "FAIL": 0, "INCONCLUSIVE": 1}
+
+
+@pytest.mark.parametrize("cand, base, usable", [
+    ({"contended": False}, {"contended": False}, True),                      # quiet (or a GPU runtime)
+    ({"contended": True, "cpu_share": 0.98, "others_cpu": 1.0},
+     {"contended": True, "cpu_share": 0.97, "others_cpu": 1.1}, True),        # the same steady neighbour
+    ({"contended": True, "cpu_share": 0.25, "others_cpu": 1.7},
+     {"contended": True, "cpu_share": 0.24, "others_cpu": 1.7}, False),       # preempted: a quarter of a core
+    ({"contended": False, "cpu_share": 0.99, "others_cpu": 0.1},
+     {"contended": True, "cpu_share": 0.97, "others_cpu": 1.0}, False),       # a neighbour on one side only
+    ({"contended": True}, {"contended": False}, False),                      # no numbers: the runner's flag
+])
+def test_which_rounds_the_paired_rule_keeps(cand: dict, base: dict, usable: bool):
+    from pipeline.regression_stats import paired_usable
+
+    assert paired_usable(cand, base) is usable
+
+
+def test_rounds_beside_a_steady_neighbour_are_kept_and_preempted_ones_measured_again():
+    from pipeline.regression_stats import interleaved_rounds
+
+    m = _Machine([1.0] * 40)
+    shares = iter([0.98] * 4 + [0.3] * 2 + [0.98] * 100)  # round 3 (both sides) was preempted
+
+    def measure(side: str):
+        p50, _ = m.measure(side)
+        return p50, True, {"cpu_share": next(shares), "others_cpu": 1.0}  # the runner flags all
+
+    rec = interleaved_rounds(measure, 0.05, 600.0, clock=m.clock)
+    assert rec["kept"] == [True, True, False, True, True, True, True] and rec["stopped"] == "decided"

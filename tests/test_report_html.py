@@ -25,6 +25,8 @@ from pipeline.report import to_markdown, write_report
 from pipeline.report_html import to_html
 from pipeline.run import execute
 
+pytestmark = pytest.mark.slow  # every test reads a real tiny run (two module runs, ~10-35 s)
+
 CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = ("What shipped", "Artifacts", "Gates", "Plots", "Measurement environment")
 TINY = {"teacher.epochs": 1, "student.epochs": 1, "teacher.model": "resnet8", "student.method": "kd",

@@ -16,9 +16,10 @@ import pytest
 
 from deploy_targets import Measurement, Protocol, get_target, measure
 from deploy_targets.remote import runner
+from deploy_targets.remote.dskd_runner import preprocess
 from dskd.errors import UserError
-from tests.test_targets_runner import _run_cli, build_tiny_artifacts
-from tests.test_targets_trtexec import fake_gpu  # noqa: F401  (a fixture)
+from tests.helpers.artifacts import build_tiny_artifacts
+from tests.helpers.artifacts import run_runner_cli as _run_cli
 
 FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2, contention_retries=0)
 CONFIG_KEYS = ("threads", "streams", "hint", "binding")
@@ -56,6 +57,27 @@ def test_all_physical_cores_and_explicit_override(tiny: dict):
     m = measure(tiny["onnx"], "intel-cpu", threads=2, protocol=FAST)
     assert m.threads == 2 and m.environment["compiled"]["INFERENCE_NUM_THREADS"] == "2"
     assert get_target("ssh-cpu").threads == 0  # a dedicated device: all its physical cores
+
+
+def test_all_cores_is_an_explicit_value_reported_as_the_count(tiny: dict):
+    """threads = "all" (measure(), recipe target.threads): every physical core of the machine that
+    measures, resolved there; the record, the report's text and each latency show the count."""
+    from pipeline.recipe import load_recipe
+    from pipeline.report_view import run_config_text
+
+    m = measure(tiny["onnx"], "intel-cpu", threads="all", protocol=FAST)
+    cores = m.environment["physical_cores"]
+    assert m.threads == cores == m.latency_at(1)["threads"] >= 1
+    assert m.environment["compiled"]["INFERENCE_NUM_THREADS"] == str(cores)
+    assert m.runtime_config["threads_policy"] == "all physical cores"
+    assert run_config_text(m.runtime_config).startswith(f"{cores} thread")
+    assert "(all physical cores)" in run_config_text(m.runtime_config)
+    with pytest.raises(UserError, match='^--threads many: must be a thread count >= 1, or "all"'):
+        measure(tiny["onnx"], "cpu", threads="many", protocol=FAST)
+    assert load_recipe(None, {"target.threads": "all"}).target.threads == "all"
+    assert load_recipe(None, {"target.threads": 0}).target.threads == 0  # the target's default
+    with pytest.raises(UserError, match="target.threads' must be 0 .*\"all\""):
+        load_recipe(None, {"target.threads": "every"})
 
 
 def test_openvino_throughput_mode_uses_streams(tiny: dict):
@@ -110,7 +132,7 @@ def test_a_real_jpeg_is_decoded_and_resized(tiny: dict, tmp_path: Path):
     bad.write_bytes(b"\xff\xd8garbage")
     out = tmp_path / "r.json"
     proc = _run_cli(["--artifact", str(tiny["onnx"]), "--runtime", "onnxruntime", "--image", str(bad),
-                     "--min-iters", "5", "--min-seconds", "0", "--out", str(out)])  # fmt: skip
+                     "--protocol", '{"min_iters": 5, "min_seconds": 0}', "--out", str(out)])  # fmt: skip
     assert proc.returncode == runner.EXIT_BAD_INPUT and "cannot decode image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
@@ -142,8 +164,8 @@ def _png_with_filters(img: np.ndarray) -> bytes:
     import struct
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (runner.PNG_SIGNATURE + runner._png_chunk(b"IHDR", header)
-            + runner._png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + runner._png_chunk(b"IEND", b""))  # fmt: skip
+    return (preprocess.PNG_SIGNATURE + preprocess._png_chunk(b"IHDR", header)
+            + preprocess._png_chunk(b"IDAT", zlib.compress(b"".join(rows))) + preprocess._png_chunk(b"IEND", b""))  # fmt: skip
 
 
 def test_builtin_png_decoder_handles_every_filter_and_matches_pillow():
@@ -151,25 +173,25 @@ def test_builtin_png_decoder_handles_every_filter_and_matches_pillow():
 
     img = np.random.default_rng(2).integers(0, 256, (11, 9, 3), dtype=np.uint8)
     data = _png_with_filters(img)
-    assert np.array_equal(runner.decode_png(data), img)
+    assert np.array_equal(preprocess.decode_png(data), img)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), img)  # the file is valid
-    assert np.array_equal(runner.decode_png(runner.encode_png(img)), img)
-    assert runner.image_size(data) == (11, 9)
+    assert np.array_equal(preprocess.decode_png(preprocess.encode_png(img)), img)
+    assert preprocess.image_size(data) == (11, 9)
     # without Pillow (as on a bare device) the numbers are Pillow's up to resampling details
-    pil = runner.Preprocessor((3, 7, 5), [0.5] * 3, [0.25] * 3)
-    bare = runner.Preprocessor((3, 7, 5), [0.5] * 3, [0.25] * 3)
+    pil = preprocess.Preprocessor((3, 7, 5), [0.5] * 3, [0.25] * 3)
+    bare = preprocess.Preprocessor((3, 7, 5), [0.5] * 3, [0.25] * 3)
     bare.pil, bare.decoder = None, "builtin-png"
     a, b = pil(data), bare(data)
     assert a.shape == b.shape == (1, 3, 7, 5) and a.dtype == b.dtype == np.float32
     assert np.abs(a - b).mean() < 0.5  # normalized units; same image, different filters
-    same = runner.Preprocessor((3, 11, 9), [0.5] * 3, [0.25] * 3)
+    same = preprocess.Preprocessor((3, 11, 9), [0.5] * 3, [0.25] * 3)
     expect = (img.transpose(2, 0, 1)[None] / 255.0 - 0.5) / 0.25
     np.testing.assert_allclose(same(data), expect, atol=1e-5)
     same.pil = None
     np.testing.assert_allclose(same(data), expect, atol=1e-5)
 
 
-def test_tensorrt_fake_records_buffers_and_throughput(fake_gpu: dict, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
+def test_tensorrt_fake_records_buffers_and_throughput(fake_gpu: dict, monkeypatch: pytest.MonkeyPatch):
     """FAKE TensorRT: the runner's pre-allocated device buffers and CUDA-event path."""
     monkeypatch.setenv("PYTHONPATH", str(fake_gpu["lib"]))
     m = measure(fake_gpu["engine"], "x86-gpu", eval_set=fake_gpu["eval"], batch_sizes=(1, 8),

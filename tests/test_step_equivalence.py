@@ -16,16 +16,20 @@ from torch.profiler import ProfilerActivity, profile
 
 from dskd.methods import create_distiller
 from dskd.methods.bookkeeping import LossBook
+from dskd.methods.dskd import V1_OPTIONS
 from dskd.methods.guidance import (
     GuideWeights,
+    HeadWeights,
     guidance_gradient_closed_form,
     has_pooled_linear_head,
+    head_gradient_closed_form,
 )
 from dskd.models import create_model
 
-torch.set_num_threads(1)
-
-SHIPPED = {"lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "detach_adapter_input": False}
+# v1 (before issue 14) with the benchmark's tuned values, the v1 spec's starting values, and v2 (the defaults).
+V1_SHIPPED = {**V1_OPTIONS, "lsh_on": "pooled", "t0": 100, "guidance_scale": 100.0, "detach_adapter_input": False}
+V1_SPEC = {**V1_OPTIONS, "lsh_on": "spatial", "t0": 400, "guidance_scale": 1.0, "detach_adapter_input": True}
+SHIPPED: dict = {}
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::lift_fresh")
 
 
@@ -67,10 +71,17 @@ def step(d: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 5) ->
 @pytest.mark.parametrize(
     ("options", "mode"),
     [
-        (SHIPPED, "train"),
-        ({}, "train"),  # the spec defaults: per-position hash, t0 = 400, s = 1
-        ({**SHIPPED, "guidance_target": "mix", "feature_mse": 0.5}, "train"),
-        (SHIPPED, "eval"),  # adapter BN with running statistics: the constant-per-position form
+        (V1_SHIPPED, "train"),
+        (V1_SPEC, "train"),  # per-position hash, t0 = 400, s = 1
+        ({**V1_SHIPPED, "guidance_target": "mix", "feature_mse": 0.5}, "train"),
+        (V1_SHIPPED, "eval"),  # adapter BN with running statistics: the constant-per-position form
+        (SHIPPED, "train"),  # v2: teacher-space diffusion, the head's closed form with the feature scale
+        (SHIPPED, "eval"),
+        ({"target_mode": "cancel", "loss_guidance": 0.5, "guidance_target": "mix", "feature_mse": 0.5}, "train"),
+        ({"target_mode": "invert", "lsh_soft": 0.5}, "train"),
+        # v2 choices in the student's space: the adapter's closed form with the feature scale's chain rule
+        ({"diffusion_space": "student", "lsh_head_planes": False}, "train"),
+        ({"diffusion_space": "student", "x0_source": "self", "lsh_head_planes": False}, "eval"),
     ],
 )
 def test_fast_step_matches_autograd_oracle(options: dict, mode: str) -> None:
@@ -89,7 +100,7 @@ def test_fast_step_matches_autograd_oracle(options: dict, mode: str) -> None:
 
 
 def test_denoised_features_match_under_bf16_autocast() -> None:
-    fast, oracle = pair(SHIPPED)
+    fast, oracle = pair(V1_SHIPPED)
     x, y = data()
     with torch.no_grad():
         z_t, _ = fast.teacher_outputs(x)
@@ -106,7 +117,7 @@ def test_denoised_features_match_under_bf16_autocast() -> None:
 
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_closed_form_gradient_equals_autograd_through_the_guide(train_mode: bool) -> None:
-    fast, _ = pair(SHIPPED)
+    fast, _ = pair(V1_SHIPPED)
     fast.train(train_mode)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(8, 64, 8, 8, generator=g).abs()
@@ -116,6 +127,40 @@ def test_closed_form_gradient_equals_autograd_through_the_guide(train_mode: bool
     (want,) = torch.autograd.grad((target * torch.log_softmax(logits, 1)).sum(), [xg])
     got = guidance_gradient_closed_form(x0, target, GuideWeights.read(fast.adapter, fast.teacher.fc))
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_teacher_space_closed_form_equals_autograd_through_the_scaled_head() -> None:
+    """v2's guide: the teacher head read on σ ⊙ x + μ (the diffusion's feature scale)."""
+    torch.manual_seed(0)
+    teacher = create_model("resnet8x4", num_classes=10, in_chans=3)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(8, 256, 8, 8, generator=g)
+    target = torch.softmax(torch.randn(8, 10, generator=g), dim=1)
+    scale, shift = torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g)
+    xg = x0.clone().requires_grad_(True)
+    logits = teacher.forward_head(xg * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    (want,) = torch.autograd.grad((target * torch.log_softmax(logits, 1)).sum(), [xg])
+    got = head_gradient_closed_form(x0, target, HeadWeights.read(teacher.fc, scale, shift))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_v2_denoised_features_match_under_bf16_autocast() -> None:
+    fast, oracle = pair(SHIPPED)
+    x, y = data()
+    with torch.no_grad():
+        z_t, f_t = fast.teacher_outputs(x)
+        f_s = fast.student.forward_features(x)
+        a_s = fast.adapter(f_s)
+        fast.feature_stats.observe(f_t)
+        oracle.feature_stats.observe(f_t)
+    target = fast.guidance_target(y, z_t)
+    noise = torch.randn_like(a_s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = fast.denoise(a_s, target, noise=noise)
+        want, _ = oracle.denoise(a_s, target, noise=noise)
+    unguided, _ = fast.denoise(a_s, target, noise=noise, scale=0.0)
+    assert (want - unguided).abs().max() > 1e-3
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 def test_head_detection() -> None:
@@ -131,13 +176,14 @@ def test_head_detection() -> None:
     assert not has_pooled_linear_head(OwnHead())  # undeclared custom head: autograd path
 
 
-def test_nofeat_skips_the_chain_and_keeps_every_gradient() -> None:
+@pytest.mark.parametrize("options", [V1_SHIPPED, SHIPPED])
+def test_nofeat_skips_the_chain_and_keeps_every_gradient(options: dict) -> None:
     """w_lsh = 0: no DDIM chain (one denoiser call, the L_diff one), same gradients as DSKD minus L_lsh.
 
     The skipped chain draws no noise, so L_diff sees other random draws than in the full run:
     the denoiser (trained only by L_diff) is compared on L_diff's value range, the rest exactly.
     """
-    fast, _ = pair(SHIPPED)
+    fast, _ = pair(options)
     nofeat = copy.deepcopy(fast)
     nofeat.options = {**nofeat.options, "w_lsh": 0.0}
     calls = []
@@ -167,9 +213,10 @@ def count_sync_ops(fn) -> int:  # noqa: ANN001
     return sum(1 for e in prof.events() if e.name in SYNC_OPS)
 
 
-def test_training_step_reads_the_device_once() -> None:
+@pytest.mark.parametrize("options", [V1_SHIPPED, SHIPPED])
+def test_training_step_reads_the_device_once(options: dict) -> None:
     """Forward: no call that would block on a GPU; bookkeeping: one finite check per step."""
-    fast, _ = pair(SHIPPED)
+    fast, _ = pair(options)
     x, y = data()
     book = LossBook()
     opt = torch.optim.SGD(list(fast.trainable_parameters()), lr=0.01)
@@ -183,7 +230,7 @@ def test_training_step_reads_the_device_once() -> None:
         loss.backward()
         opt.step()
 
-    train_step()  # first step reads the hash's batch counter once
+    train_step()  # first step reads the hash's (and the feature scale's) batch counter once
     assert count_sync_ops(train_step) == 1
     totals = book.totals()
     assert set(totals) == {"ce", "kd", "adapt", "diff", "lsh"} and all(v == v for v in totals.values())
@@ -198,8 +245,9 @@ def test_loss_book_names_non_finite_terms() -> None:
     assert book.totals()["b"] == 5.0
 
 
-def test_capture_falls_back_to_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast, _ = pair(SHIPPED)
+@pytest.mark.parametrize("options", [V1_SHIPPED, SHIPPED])
+def test_capture_falls_back_to_eager_when_compiling_fails(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    fast, _ = pair(options)
     captured = copy.deepcopy(fast)
     captured.options = {**captured.options, "capture": "compile"}
 
@@ -222,7 +270,7 @@ def test_capture_falls_back_to_eager_when_compiling_fails(monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_capture_compile_on_cpu_matches_eager() -> None:
     """Real torch.compile (default mode on CPU; reduce-overhead = CUDA graphs on a GPU)."""
-    fast, _ = pair(SHIPPED)
+    fast, _ = pair(V1_SHIPPED)
     captured = copy.deepcopy(fast)
     captured.options = {**captured.options, "capture": "compile"}
     x, y = data()

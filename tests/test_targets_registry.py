@@ -41,7 +41,7 @@ def test_registry_has_the_required_targets():
         assert (
             t.runtime == "tensorrt"
             and t.precisions == ("fp16", "int8")
-            and t.accepts == ("trt-engine",)
+            and t.accepts == ("trt-engine", "torch-trt-ep")
         )
     assert get_target("jetson-orin").reach == "local-or-ssh"
     assert get_target("ssh-cpu").reach == "ssh"
@@ -209,8 +209,7 @@ def test_runner_args_round_trip_through_the_runner_parser():
         2,
         (1, 8),
     )
-    got = Protocol(ns.warmup_seconds, ns.min_iters, ns.min_seconds, ns.max_seconds, ns.cov_warn,
-                   ns.min_cpu_share, ns.contention_retries, ns.max_other_cpu)  # fmt: skip
+    got = Protocol.from_json(ns.protocol)  # the protocol travels as one JSON document
     assert got == Protocol(0.5, 30, 1.5, 9.0, 0.1, 0.75, 4, 0.5)
     assert ns.eval_path == "e.npz" and ns.out == "r.json"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,90 +19,14 @@ from deploy_targets import (
     write_eval_npz,
 )
 from deploy_targets.evalset import check_eval_npz
-from deploy_targets.remote import RUNNER_PATH, runner
+from deploy_targets.remote import runner
+from deploy_targets.remote.dskd_runner import timing
 from dskd.errors import UserError
+from tests.helpers.artifacts import MEAN, N_EVAL, STD, build_tiny_artifacts
+from tests.helpers.artifacts import run_runner_cli as _run_cli
 
 # contention_retries=0: these tests check plumbing, not timing, so a busy machine need not rerun
 FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2, contention_retries=0)
-N_EVAL = 64
-MEAN = np.array([0.5, 0.4, 0.3], np.float32)
-STD = np.array([0.2, 0.25, 0.3], np.float32)
-
-
-def build_tiny_artifacts(root: Path, quantized: bool = True) -> dict:
-    """A tiny CNN exported to ONNX (input `input`, output `logits`, dynamic batch), its eval set
-    (labels = the model's own predictions with 10 flipped, so top-1 is known) and, optionally,
-    a static QDQ INT8 version."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-
-    class Tiny(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-            self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-            self.fc = nn.Linear(16, 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = torch.relu(self.c2(torch.relu(self.c1(x))))
-            return self.fc(x.mean((2, 3)))
-
-    model = Tiny().eval()
-    onnx_path = root / "tiny.onnx"
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but fast and stable
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model, (torch.zeros(2, 3, 16, 16),), str(onnx_path), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17,
-        )  # fmt: skip
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (N_EVAL, 3, 16, 16), dtype=np.uint8)
-    with torch.no_grad():
-        xn = (
-            torch.from_numpy(x).float() / 255 - torch.from_numpy(MEAN).view(1, 3, 1, 1)
-        ) / torch.from_numpy(STD).view(1, 3, 1, 1)
-        ref = model(xn).argmax(1).numpy()
-    y = ref.copy()
-    y[:10] = (y[:10] + 1) % 5
-    eval_path = write_eval_npz(root / "eval.npz", x, y, MEAN, STD, ref_pred=ref)
-    out = {"onnx": onnx_path, "eval": eval_path, "n": N_EVAL, "ref": ref, "y": y, "x": x}
-    if quantized:
-        out["onnx_int8"] = _quantize(onnx_path, root / "tiny.int8.onnx", x)
-    return out
-
-
-def _quantize(src: Path, dst: Path, x: np.ndarray) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            xn = (x[:16].astype(np.float32) / 255 - MEAN.reshape(1, 3, 1, 1)) / STD.reshape(
-                1, 3, 1, 1
-            )
-            self.items = iter([{"input": xn[i : i + 4]} for i in range(0, 16, 4)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        activation_type=QuantType.QUInt8,
-    )
-    return dst
-
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -120,18 +43,12 @@ def _ort_predictions(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"input": xn})[0].argmax(1)
 
 
-def _run_cli(args: list[str], python: str = sys.executable) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [python, str(RUNNER_PATH), *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_runner_cli_protocol_and_accuracy(artifacts: dict, tmp_path: Path):
     out = tmp_path / "r.json"
     proc = _run_cli([
         "--artifact", str(artifacts["onnx"]), "--runtime", "onnxruntime", "--eval", str(artifacts["eval"]),
-        "--threads", "1", "--batch-sizes", "1,3", "--min-iters", "25", "--min-seconds", "0.1",
-        "--warmup-seconds", "0.05", "--out", str(out),
+        "--threads", "1", "--batch-sizes", "1,3",
+        "--protocol", Protocol(warmup_seconds=0.05, min_iters=25, min_seconds=0.1).to_json(), "--out", str(out),
     ])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
@@ -301,12 +218,8 @@ def test_debug_slowdown_is_flagged(artifacts: dict, tmp_path: Path):
             str(artifacts["onnx"]),
             "--runtime",
             "onnxruntime",
-            "--min-iters",
-            "5",
-            "--min-seconds",
-            "0",
-            "--warmup-seconds",
-            "0",
+            "--protocol",
+            '{"min_iters": 5, "min_seconds": 0, "warmup_seconds": 0}',
             "--debug-slowdown",
             "0.5",
             "--out",
@@ -352,7 +265,7 @@ def test_device_files_parse_as_python_38():
 def test_busy_neighbours_are_detected():
     """Another process spinning on the machine while we time: flagged even if we keep our core."""
     runner.require_modules("onnxruntime")
-    if runner._busy_cpu_seconds() is None:
+    if timing.busy_cpu_seconds() is None:
         pytest.skip("no /proc/stat on this system")
 
     class Quick(runner.Backend):
@@ -369,3 +282,49 @@ def test_busy_neighbours_are_detected():
         hog.kill()
         hog.wait()
     assert entry["others_cpu"] > 0.2 and entry["contended"] and entry["attempts"] == 2
+
+
+def test_protocol_travels_as_one_json_document(artifacts: dict, tmp_path: Path):
+    """The timing protocol is one JSON document whose keys are Protocol's fields (declared once);
+    unknown keys, wrong types and broken JSON are one-line usage errors (exit 2)."""
+    from dataclasses import fields
+
+    proto = Protocol(0.1, 7, 0.0, 9.0, 0.3, 0.5, 1, 0.4)
+    assert Protocol.from_json(proto.to_json()) == proto
+    assert set(json.loads(proto.to_json())) == {f.name for f in fields(Protocol)}
+    out = tmp_path / "r.json"
+    base = ["--artifact", str(artifacts["onnx"]), "--runtime", "onnxruntime", "--out", str(out)]
+    for doc, message in (('{"min_iter": 5}', "unknown key(s) min_iter; known: warmup_seconds"),
+                         ('{"min_iters": "5"}', "min_iters must be a number, got '5'"),
+                         ('{"min_iters": 2.5}', "min_iters must be a number"),
+                         ("min_iters=5", "--protocol is not JSON")):  # fmt: skip
+        proc = _run_cli([*base, "--protocol", doc])
+        assert proc.returncode == runner.EXIT_USAGE, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("runner-error: usage:") and message in lines[0]
+        assert not out.exists()
+    proc = _run_cli([*base, "--protocol", '{"min_iters": 5, "min_seconds": 0, "warmup_seconds": 0}'])
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["protocol"] == dict(Protocol().to_dict(), min_iters=5, min_seconds=0.0, warmup_seconds=0.0)
+    assert res["runner_version"] == runner.RUNNER_VERSION == 3
+
+
+def test_staged_runner_runs_on_its_own(artifacts: dict, tmp_path: Path):
+    """What the device gets: runner.py + dskd_runner.zip (deterministic bytes), nothing else
+    from this repository; run isolated (-I: no PYTHONPATH, no current folder on the path)."""
+    import shutil
+
+    from deploy_targets.remote import package_zip_bytes, stage_runner
+
+    assert package_zip_bytes() == package_zip_bytes()
+    files = stage_runner(tmp_path)
+    assert [f.name for f in files] == ["runner.py", "dskd_runner.zip"]
+    model = shutil.copy(artifacts["onnx"], tmp_path / "m.onnx")
+    proc = subprocess.run(
+        [sys.executable, "-I", "runner.py", "--artifact", str(model), "--runtime", "onnxruntime",
+         "--protocol", '{"min_iters": 3, "min_seconds": 0, "warmup_seconds": 0}', "--out", "r.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["latency"][0]["iterations"] >= 3

@@ -17,8 +17,7 @@ import pytest
 from deploy_targets import DeviceError, Protocol, get_target, measure
 from deploy_targets.ssh import SshClient
 from dskd.errors import UserError
-from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_server
-from tests.test_targets_runner import build_tiny_artifacts
+from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason
 
 pytestmark = [
     pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason())),
@@ -27,17 +26,6 @@ pytestmark = [
 
 # contention_retries=0: these tests check plumbing, not timing, so a busy machine need not rerun
 FAST = Protocol(warmup_seconds=0.05, min_iters=20, min_seconds=0.2, contention_retries=0)
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory):
-    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), quantized=False)
 
 
 @pytest.fixture()
@@ -54,23 +42,24 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_ssh_cpu_matches_local_cpu_and_cleans_up(
-    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+    sshd: Sshd, tiny_fp32: dict, remote_tmp: Path
 ):
     remote = measure(
-        artifacts["onnx"], "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device,
+        tiny_fp32["onnx"], "ssh-cpu", eval_set=tiny_fp32["eval"], device=sshd.device,
         ssh=sshd.options(), remote_python=sys.executable, remote_tmp=str(remote_tmp),
         protocol=FAST, batch_sizes=(1, 4),
     )  # fmt: skip
     local = measure(
-        artifacts["onnx"], "cpu", eval_set=artifacts["eval"], protocol=FAST, batch_sizes=(1, 4)
+        tiny_fp32["onnx"], "cpu", eval_set=tiny_fp32["eval"], protocol=FAST, batch_sizes=(1, 4)
     )
     assert remote.where == sshd.device and local.where == "local"
     assert remote.environment["reached_over"] == "ssh"
     # same artifact, same runtime, same data: identical predictions, so identical accuracy
     assert remote.accuracy == local.accuracy
     assert remote.accuracy["agreement"] == 1.0
-    assert remote.accuracy["n"] == artifacts["n"]
+    assert remote.accuracy["n"] == tiny_fp32["n"]
     for entry in remote.latency:
         assert entry["iterations"] >= FAST.min_iters
         assert 0 < entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"]
@@ -78,6 +67,7 @@ def test_ssh_cpu_matches_local_cpu_and_cleans_up(
     assert list(remote_tmp.iterdir()) == []  # private folder removed
 
 
+@pytest.mark.slow
 def test_availability_probe_reports_versions_and_missing_runtime(sshd: Sshd, tmp_path: Path):
     ok, reason = get_target("ssh-cpu").availability(
         sshd.device, ssh=sshd.options(), remote_python=sys.executable
@@ -101,15 +91,16 @@ def _bare_python(tmp_path: Path) -> Path:
     return venv / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_remote_runtime_missing_is_one_line_and_cleans_up(
-    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path
+    sshd: Sshd, tiny_fp32: dict, remote_tmp: Path, tmp_path: Path
 ):
     bare = _bare_python(tmp_path)
     with pytest.raises(DeviceError) as err:
         measure(
-            artifacts["onnx"],
+            tiny_fp32["onnx"],
             "ssh-cpu",
-            eval_set=artifacts["eval"],
+            eval_set=tiny_fp32["eval"],
             device=sshd.device,
             ssh=sshd.options(),
             remote_python=str(bare),
@@ -122,10 +113,11 @@ def test_remote_runtime_missing_is_one_line_and_cleans_up(
     assert list(remote_tmp.iterdir()) == []
 
 
-def test_remote_python_not_found(sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path):
+@pytest.mark.slow
+def test_remote_python_not_found(sshd: Sshd, tiny_fp32: dict, remote_tmp: Path):
     with pytest.raises(DeviceError) as err:
         measure(
-            artifacts["onnx"],
+            tiny_fp32["onnx"],
             "ssh-cpu",
             device=sshd.device,
             ssh=sshd.options(),
@@ -137,13 +129,14 @@ def test_remote_python_not_found(sshd: Sshd, artifacts: dict[str, Path], remote_
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_remote_command_timeout_is_bounded_and_cleans_up(
-    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+    sshd: Sshd, tiny_fp32: dict, remote_tmp: Path
 ):
     slow = Protocol(warmup_seconds=0.0, min_iters=1, min_seconds=600, max_seconds=600)
     with pytest.raises(DeviceError) as err:
         measure(
-            artifacts["onnx"],
+            tiny_fp32["onnx"],
             "ssh-cpu",
             device=sshd.device,
             ssh=sshd.options(),
@@ -171,19 +164,19 @@ def _processes_working_in(folder: Path) -> list[str]:
     return found
 
 
-def test_wrong_port_is_refused(sshd: Sshd, artifacts: dict[str, Path]):
+def test_wrong_port_is_refused(sshd: Sshd, tiny_fp32: dict):
     device = f"{sshd.user}@127.0.0.1:{free_port()}"
     with pytest.raises(DeviceError) as err:
-        measure(artifacts["onnx"], "ssh-cpu", device=device, ssh=sshd.options(), protocol=FAST)
+        measure(tiny_fp32["onnx"], "ssh-cpu", device=device, ssh=sshd.options(), protocol=FAST)
     msg = _one_line(err.value)
     assert msg.startswith(device) and "connection refused on port" in msg
 
 
-def test_refused_key(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path):
+def test_refused_key(sshd: Sshd, tiny_fp32: dict, tmp_path: Path):
     stranger = keygen(tmp_path / "id_stranger", "stranger")
     with pytest.raises(DeviceError) as err:
         measure(
-            artifacts["onnx"],
+            tiny_fp32["onnx"],
             "ssh-cpu",
             device=sshd.device,
             ssh=sshd.options(identity_file=stranger),
@@ -193,14 +186,14 @@ def test_refused_key(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path):
     assert "login refused" in msg and "ssh-copy-id" in msg
 
 
-def test_changed_host_key_is_never_accepted(sshd: Sshd, artifacts: dict[str, Path], tmp_path: Path):
+def test_changed_host_key_is_never_accepted(sshd: Sshd, tiny_fp32: dict, tmp_path: Path):
     keygen(tmp_path / "other_host_key", "impostor")
     pub = (tmp_path / "other_host_key.pub").read_text().split()
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
     with pytest.raises(DeviceError) as err:
         measure(
-            artifacts["onnx"],
+            tiny_fp32["onnx"],
             "ssh-cpu",
             device=sshd.device,
             ssh=sshd.options(known_hosts_file=known),
@@ -221,6 +214,7 @@ def test_unknown_host_key_is_never_accepted(sshd: Sshd, tmp_path: Path):
     assert empty.read_text() == ""
 
 
+@pytest.mark.slow
 def test_workdir_is_private(sshd: Sshd, remote_tmp: Path):
     client = SshClient(sshd.device, sshd.options())
     with client.workdir(str(remote_tmp)) as (path, free_kib):
@@ -252,19 +246,21 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_full_disk_is_reported_before_copying(
-    sshd: Sshd, artifacts: dict[str, Path], tiny_disk: Path
+    sshd: Sshd, tiny_fp32: dict, tiny_disk: Path
 ):
     with pytest.raises(DeviceError) as err:
-        measure(artifacts["onnx"], "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device,
+        measure(tiny_fp32["onnx"], "ssh-cpu", eval_set=tiny_fp32["eval"], device=sshd.device,
                 ssh=sshd.options(), remote_python=sys.executable, remote_tmp=str(tiny_disk), protocol=FAST)  # fmt: skip
     msg = _one_line(err.value)
     assert "disk full" in msg and "MiB free" in msg and "remote_tmp" in msg
     assert list(tiny_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_lost_connection_is_one_line_not_a_hang(
-    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path
+    sshd: Sshd, tiny_fp32: dict, remote_tmp: Path
 ):
     """Kill the server side of the session mid-measurement: the client must give up cleanly."""
     slow = Protocol(warmup_seconds=0.0, min_iters=1, min_seconds=300, max_seconds=300)
@@ -272,7 +268,7 @@ def test_lost_connection_is_one_line_not_a_hang(
 
     def run() -> None:
         try:
-            measure(artifacts["onnx"], "ssh-cpu", device=sshd.device, ssh=sshd.options(),
+            measure(tiny_fp32["onnx"], "ssh-cpu", device=sshd.device, ssh=sshd.options(),
                     remote_python=sys.executable, remote_tmp=str(remote_tmp), protocol=slow, timeout_s=120)  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
@@ -308,10 +304,11 @@ HOSTILE_NAMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "legacy"), [("option", False), ("option", True), ("shell", False),
                                               ("shell", True), ("remote-looking", False)])
 def test_hostile_file_names_are_copied_as_names_and_nothing_runs(
-    kind: str, legacy: bool, sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path,
+    kind: str, legacy: bool, sshd: Sshd, tiny_fp32: dict, remote_tmp: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
 ):
     """Relative paths as a user types them (`./-o...`: pathlib drops the `./`), through SFTP-mode
@@ -322,13 +319,13 @@ def test_hostile_file_names_are_copied_as_names_and_nothing_runs(
     work = tmp_path / "work"
     work.mkdir()
     name, eval_name = HOSTILE_NAMES[kind], f"-e $(touch EVAL) '{kind}'.npz"
-    shutil.copy(artifacts["onnx"], work / name)
-    shutil.copy(artifacts["eval"], work / eval_name)
+    shutil.copy(tiny_fp32["onnx"], work / name)
+    shutil.copy(tiny_fp32["eval"], work / eval_name)
     monkeypatch.chdir(work)
     m = measure(f"./{name}", "ssh-cpu", eval_set=f"./{eval_name}", device=sshd.device,
                 ssh=sshd.options(scp_legacy=legacy), remote_python=sys.executable, remote_tmp=str(remote_tmp),
                 protocol=FAST)  # fmt: skip
-    assert m.where == sshd.device and m.accuracy["agreement"] == 1.0 and m.accuracy["n"] == artifacts["n"]
+    assert m.where == sshd.device and m.accuracy["agreement"] == 1.0 and m.accuracy["n"] == tiny_fp32["n"]
     assert sorted(p.name for p in work.iterdir()) == sorted([name, eval_name])  # no X.onnx, PWNED, TICK, EVAL
     assert list(remote_tmp.iterdir()) == []
 
@@ -377,11 +374,11 @@ def _set_location(path: Path, location: str) -> None:
 
 @pytest.mark.parametrize("fault", ["symlink", "outside", "fifo"])
 def test_external_data_is_checked_locally_before_any_upload(
-    fault: str, artifacts: dict[str, Path], tmp_path: Path
+    fault: str, tiny_fp32: dict, tmp_path: Path
 ):
     """A link (scp would send what it points to, e.g. a private key), a path out of the model's
     folder, or a FIFO: refused here. The device is unreachable: contacting it would be a DeviceError."""
-    path = _external_data_model(tmp_path / "model", artifacts["onnx"])
+    path = _external_data_model(tmp_path / "model", tiny_fp32["onnx"])
     weights = path.parent / "w.bin"
     if fault == "symlink":
         secret = tmp_path / "secret"
@@ -403,11 +400,12 @@ def test_external_data_is_checked_locally_before_any_upload(
     assert str(path) in msg and expect in msg, msg
 
 
+@pytest.mark.slow
 def test_external_data_beside_the_model_is_copied_and_measured(
-    sshd: Sshd, artifacts: dict[str, Path], remote_tmp: Path, tmp_path: Path
+    sshd: Sshd, tiny_fp32: dict, remote_tmp: Path, tmp_path: Path
 ):
-    path = _external_data_model(tmp_path / "model", artifacts["onnx"])
-    m = measure(path, "ssh-cpu", eval_set=artifacts["eval"], device=sshd.device, ssh=sshd.options(),
+    path = _external_data_model(tmp_path / "model", tiny_fp32["onnx"])
+    m = measure(path, "ssh-cpu", eval_set=tiny_fp32["eval"], device=sshd.device, ssh=sshd.options(),
                 remote_python=sys.executable, remote_tmp=str(remote_tmp), protocol=FAST)
     assert m.accuracy["agreement"] == 1.0
     assert list(remote_tmp.iterdir()) == []

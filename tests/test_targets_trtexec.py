@@ -13,85 +13,26 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import deploy_targets
-from deploy_targets import get_target, measure, write_eval_npz
+from deploy_targets import get_target, measure
 from deploy_targets.measure import resolve_where
-from deploy_targets.remote import trtexec_tools as tt
+from deploy_targets.remote.dskd_runner import trtexec_tools as tt
 from dskd.errors import UserError
+from tests.helpers.trtexec_samples import (
+    EXPORT_PROFILE,
+    EXPORT_TIMES,
+    EXPORT_TIMES_OLD,
+    SUMMARY_TRT8,
+    SUMMARY_TRT10,
+)
 
 FAST = deploy_targets.Protocol(
     warmup_seconds=0.02, min_iters=15, min_seconds=0.05, contention_retries=0
 )
-
-# --- CONSTRUCTED samples (format of trtexec 8.6/10; values invented) -----------------
-EXPORT_TIMES = [
-    # warm-up query: compute starts before --warmUp=200 ms, so it is dropped
-    {"startEnqMs": 10.0, "endEnqMs": 10.1, "startH2dMs": 10.0, "endH2dMs": 10.05, "startComputeMs": 10.1,
-     "endComputeMs": 10.6, "startD2hMs": 10.6, "endD2hMs": 10.62, "h2dMs": 0.05, "computeMs": 0.5,
-     "d2hMs": 0.02, "latencyMs": 0.57, "endToEndMs": 0.62},
-    {"startEnqMs": 201.0, "endEnqMs": 201.1, "startH2dMs": 201.0, "endH2dMs": 201.04, "startComputeMs": 201.1,
-     "endComputeMs": 201.5, "startD2hMs": 201.5, "endD2hMs": 201.52, "h2dMs": 0.04, "computeMs": 0.4,
-     "d2hMs": 0.02, "latencyMs": 0.46, "endToEndMs": 0.52},
-    {"startEnqMs": 202.0, "endEnqMs": 202.1, "startH2dMs": 202.0, "endH2dMs": 202.05, "startComputeMs": 202.1,
-     "endComputeMs": 202.6, "startD2hMs": 202.6, "endD2hMs": 202.63, "h2dMs": 0.05, "computeMs": 0.5,
-     "d2hMs": 0.03, "latencyMs": 0.58, "endToEndMs": 0.63},
-    {"startEnqMs": 203.0, "endEnqMs": 203.1, "startH2dMs": 203.0, "endH2dMs": 203.06, "startComputeMs": 203.1,
-     "endComputeMs": 203.7, "startD2hMs": 203.7, "endD2hMs": 203.72, "h2dMs": 0.06, "computeMs": 0.6,
-     "d2hMs": 0.02, "latencyMs": 0.68, "endToEndMs": 0.72},
-]  # fmt: skip
-
-# Older trtexec (7.x) named the transfers In/Out and had no latencyMs derivation change.
-EXPORT_TIMES_OLD = [{"startInMs": 300.0, "endInMs": 300.1, "startComputeMs": 300.1, "endComputeMs": 300.9,
-                     "startOutMs": 300.9, "endOutMs": 301.0, "inMs": 0.1, "computeMs": 0.8, "outMs": 0.1,
-                     "latencyMs": 1.0, "endToEndMs": 1.0}]  # fmt: skip
-
-EXPORT_PROFILE = [
-    {"count": 120},
-    {
-        "name": "/c1/Conv + /Relu",
-        "timeMs": 6.0,
-        "averageMs": 0.05,
-        "medianMs": 0.049,
-        "percentage": 30.0,
-    },
-    {
-        "name": "/c2/Conv + /Relu_1",
-        "timeMs": 12.0,
-        "averageMs": 0.1,
-        "medianMs": 0.1,
-        "percentage": 60.0,
-    },
-    {"name": "/fc/Gemm", "timeMs": 2.0, "averageMs": 0.0167, "percentage": 10.0},
-]
-
-SUMMARY_TRT10 = """\
-[01/15/2025-10:02:11] [I] === Performance summary ===
-[01/15/2025-10:02:11] [I] Throughput: 1987.25 qps
-[01/15/2025-10:02:11] [I] Latency: min = 0.459961 ms, max = 0.912109 ms, mean = 0.502197 ms, median = 0.497803 ms, percentile(90%) = 0.521973 ms, percentile(95%) = 0.536133 ms, percentile(99%) = 0.604004 ms
-[01/15/2025-10:02:11] [I] Enqueue Time: min = 0.0878906 ms, max = 0.228516 ms, mean = 0.103271 ms, median = 0.0998535 ms, percentile(90%) = 0.114258 ms, percentile(95%) = 0.121094 ms, percentile(99%) = 0.149414 ms
-[01/15/2025-10:02:11] [I] H2D Latency: min = 0.0405273 ms, max = 0.0783691 ms, mean = 0.0447754 ms, median = 0.0441895 ms, percentile(90%) = 0.0478516 ms, percentile(95%) = 0.0495605 ms, percentile(99%) = 0.0561523 ms
-[01/15/2025-10:02:11] [I] GPU Compute Time: min = 0.399414 ms, max = 0.821289 ms, mean = 0.437012 ms, median = 0.432129 ms, percentile(90%) = 0.453125 ms, percentile(95%) = 0.464844 ms, percentile(99%) = 0.524414 ms
-[01/15/2025-10:02:11] [I] D2H Latency: min = 0.0161133 ms, max = 0.0419922 ms, mean = 0.0204102 ms, median = 0.0195312 ms, percentile(90%) = 0.0227051 ms, percentile(95%) = 0.0239258 ms, percentile(99%) = 0.0290527 ms
-[01/15/2025-10:02:11] [I] Total Host Walltime: 3.00164 s
-[01/15/2025-10:02:11] [I] Total GPU Compute Time: 2.60674 s
-[01/15/2025-10:02:11] [I] Explanations of the performance metrics are printed in the verbose logs.
-"""
-
-# trtexec 8.x prints one percentile and an End-to-End line, without timestamps when piped.
-SUMMARY_TRT8 = """\
-[I] Throughput: 512.5 qps
-[I] Latency: min = 1.8 ms, max = 2.9 ms, mean = 1.95 ms, median = 1.93 ms, percentile(99%) = 2.4 ms
-[I] End-to-End Host Latency: min = 1.9 ms, max = 3.5 ms, mean = 2.1 ms, median = 2.05 ms, percentile(99%) = 2.9 ms
-[I] GPU Compute Time: min = 1.7 ms, max = 2.7 ms, mean = 1.85 ms, median = 1.83 ms, percentile(99%) = 2.3 ms
-[I] Total GPU Compute Time: 1.85 s
-"""
 
 
 def test_trtexec_command_line():
@@ -185,184 +126,10 @@ def test_parse_summary_separates_gpu_compute_and_host_latency():
     assert tt.parse_summary("no summary here") == {}
 
 
-# --- FAKE tensorrt / pycuda / trtexec (test doubles) ----------------------------------
-
-FAKE_TENSORRT = '''
-"""FAKE tensorrt for tests (NOT NVIDIA's): the TRT >= 8.5 name-based API over numpy.
-The 'engine' file is JSON: logits = global-average-pool(x) @ w.T, input (-1, C, H, W)."""
-import json
-import numpy as np
-import pycuda.driver as _cuda
-
-__version__ = "0.0+fake"
-
-class Logger:
-    WARNING = 2
-    def __init__(self, level):
-        self.level = level
-
-class TensorIOMode:
-    INPUT = "INPUT"
-    OUTPUT = "OUTPUT"
-
-def nptype(dtype):
-    return np.dtype(dtype).type
-
-class Runtime:
-    def __init__(self, logger):
-        pass
-    def deserialize_cuda_engine(self, blob):
-        try:
-            return _Engine(json.loads(blob))
-        except ValueError:
-            return None
-
-class _Engine:
-    num_io_tensors = 2
-    num_optimization_profiles = 1
-    def __init__(self, spec):
-        self.w = np.asarray(spec["w"], np.float32)
-        self.chw = tuple(spec["chw"])
-        self.max_batch = spec["max_batch"]
-    def get_tensor_name(self, i):
-        return ("input", "logits")[i]
-    def get_tensor_mode(self, name):
-        return TensorIOMode.INPUT if name == "input" else TensorIOMode.OUTPUT
-    def get_tensor_shape(self, name):
-        return (-1, *self.chw) if name == "input" else (-1, self.w.shape[0])
-    def get_tensor_dtype(self, name):
-        return "float32"
-    def get_tensor_profile_shape(self, name, profile):
-        return [(1, *self.chw), (1, *self.chw), (self.max_batch, *self.chw)]
-    def create_execution_context(self):
-        return _Context(self)
-
-class _Context:
-    def __init__(self, engine):
-        self.engine, self.shape, self.addr = engine, None, {}
-    def set_input_shape(self, name, shape):
-        if shape[0] > self.engine.max_batch or tuple(shape[1:]) != self.engine.chw:
-            return False
-        self.shape = tuple(shape)
-        return True
-    def get_tensor_shape(self, name):
-        return (self.shape[0], self.engine.w.shape[0])
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = ptr
-    def execute_async_v3(self, stream_handle):
-        x = _cuda._MEM[self.addr["input"]].view(np.float32).reshape(self.shape)
-        logits = x.mean(axis=(2, 3)) @ self.engine.w.T
-        _cuda._MEM[self.addr["logits"]][:] = logits.astype(np.float32).reshape(-1).view(np.uint8)
-        return True
-'''
-
-FAKE_PYCUDA_DRIVER = '''
-"""FAKE pycuda.driver for tests (NOT the real pycuda): host arrays pretend to be GPU memory."""
-import itertools
-import time
-import numpy as np
-
-_MEM = {}
-_IDS = itertools.count(4096, 4096)
-
-def init():
-    pass
-
-def get_driver_version():
-    return 12040
-
-class _Ctx:
-    def pop(self):
-        pass
-
-class Device:
-    def __init__(self, index):
-        self.index = index
-    def make_context(self):
-        return _Ctx()
-    def name(self):
-        return "FAKE GPU"
-    def compute_capability(self):
-        return (8, 7)
-
-class Stream:
-    handle = 0
-    def synchronize(self):
-        pass
-
-class Event:
-    def record(self, stream=None):
-        self.t = time.perf_counter()
-    def time_till(self, other):
-        return (other.t - self.t) * 1e3
-
-class _Alloc:
-    def __init__(self, nbytes):
-        self.ptr = next(_IDS)
-        _MEM[self.ptr] = np.zeros(nbytes, np.uint8)
-    def __int__(self):
-        return self.ptr
-    def free(self):
-        _MEM.pop(self.ptr, None)
-
-def pagelocked_empty(shape, dtype):
-    return np.empty(shape, dtype)
-
-def mem_alloc(nbytes):
-    return _Alloc(nbytes)
-
-def memcpy_htod_async(dst, src, stream=None):
-    _MEM[int(dst)][:] = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
-
-def memcpy_dtoh_async(dst, src, stream=None):
-    dst.reshape(-1).view(np.uint8)[:] = _MEM[int(src)]
-'''
-
-FAKE_TRTEXEC = '''#!{python}
-"""FAKE trtexec for tests (NOT NVIDIA's): writes the constructed --exportTimes sample and
-prints the constructed summary, after checking the flags the runner passes."""
-import sys
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
-flags = [a for a in sys.argv[1:] if "=" not in a]
-assert "loadEngine" in args and "shapes" in args and "--useSpinWait" in flags, sys.argv
-open(args["exportTimes"], "w").write({times!r})
-sys.stdout.write({summary!r})
-'''
+# --- FAKE tensorrt / pycuda / trtexec (test doubles): tests/fakes/trt_runtime.py, tests/fakes/trtexec.py
 
 
-def write_fake_tensorrt_lib(lib: Path) -> Path:
-    """A PYTHONPATH folder with the FAKE `tensorrt` and `pycuda` packages above."""
-    (lib / "tensorrt").mkdir(parents=True)
-    (lib / "pycuda").mkdir()
-    (lib / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
-    (lib / "pycuda" / "__init__.py").write_text('"""FAKE pycuda package for tests."""\n')
-    (lib / "pycuda" / "driver.py").write_text(FAKE_PYCUDA_DRIVER)
-    return lib
-
-
-@pytest.fixture(scope="module")
-def fake_gpu(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("fake_gpu")
-    lib = write_fake_tensorrt_lib(root / "lib")
-    rng = np.random.default_rng(3)
-    w = rng.standard_normal((4, 3)).astype(np.float32)
-    engine = root / "model.fp16.engine"
-    engine.write_text(json.dumps({"w": w.tolist(), "chw": [3, 8, 8], "max_batch": 8}))
-    x = rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
-    mean, std = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
-    xn = (x.astype(np.float32) / 255 - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)
-    ref = (xn.mean(axis=(2, 3)) @ w.T).argmax(1)
-    y = ref.copy()
-    y[:8] = (y[:8] + 1) % 4
-    eval_path = write_eval_npz(root / "eval.npz", x, y, mean, std, ref_pred=ref)
-    trtexec = root / "trtexec"
-    trtexec.write_text(
-        FAKE_TRTEXEC.format(
-            python=sys.executable, times=json.dumps(EXPORT_TIMES), summary=SUMMARY_TRT10
-        )
-    )
-    trtexec.chmod(trtexec.stat().st_mode | stat.S_IXUSR)
-    return {"lib": lib, "engine": engine, "eval": eval_path, "trtexec": trtexec}
+# `fake_gpu` (a FAKE engine, FAKE tensorrt/pycuda and a FAKE trtexec) is a fixture of tests/conftest.py.
 
 
 def test_tensorrt_runner_path_with_fake_gpu(fake_gpu: dict, monkeypatch: pytest.MonkeyPatch):
@@ -445,7 +212,7 @@ def _real_tensorrt_missing() -> str | None:
 def test_real_tensorrt_engine(tmp_path: Path):  # pragma: no cover - needs a GPU
     import tensorrt as trt
 
-    from tests.test_targets_runner import build_tiny_artifacts
+    from tests.helpers.artifacts import build_tiny_artifacts
 
     art = build_tiny_artifacts(tmp_path, quantized=False)
     logger = trt.Logger(trt.Logger.WARNING)

@@ -15,6 +15,10 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each trains one epoch in a real child process (~6-8 s)
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("import sys\nfrom dskd.trainer import TrainConfig, train\n"
          "train(TrainConfig(model='resnet8', data='digits', epochs=1, input_size=16, in_chans=1, batch_size=64), sys.argv[1])\n")

@@ -10,11 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from dskd.checkpoint import build_model, load_model_file, torch_load
 from dskd.errors import UserError
+from dskd.methods import (
+    METHODS,
+    Distiller,
+    Opt,
+    create_distiller,
+    register_method,
+    resolve_method_options,
+)
 from dskd.models import create_model
-from dskd.trainer import NonFiniteLoss, TrainConfig, train
+from dskd.trainer import NonFiniteLoss, TrainConfig, make_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(data="digits", input_size=16, in_chans=1, batch_size=64, lr=0.05, device="cpu")
@@ -33,6 +43,7 @@ def teacher_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ce_learns_and_writes_files(teacher_dir: Path):
     summary = json.loads((teacher_dir / "summary.json").read_text())
     for key in ("model", "method", "epochs", "params", "top1", "train_seconds", "macs"):
@@ -45,6 +56,7 @@ def test_ce_learns_and_writes_files(teacher_dir: Path):
     assert set(sd) == set(create_model("resnet14", 10, in_chans=1).state_dict())
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path: Path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg(), full)
@@ -92,9 +104,10 @@ def test_bf16_autocast_trains(tmp_path: Path):
     assert s["precision"] == "bf16" and s["top1"] == s["top1"]  # finite
 
 
+@pytest.mark.slow
 def test_dskd_student_loads_into_plain_student(tmp_path: Path, teacher_dir: Path):
     s = train(cfg(method="dskd", teacher=str(teacher_dir), epochs=4), tmp_path)
-    assert s["method"] == "dskd" and s["options"]["t0"] == 400
+    assert s["method"] == "dskd" and s["options"] == resolve_method_options("dskd", {})
     assert s["top1"] > 20.0, s["top1"]  # chance is 10 %
     assert s["training_only_params"] > 0
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -104,6 +117,7 @@ def test_dskd_student_loads_into_plain_student(tmp_path: Path, teacher_dir: Path
     assert set(model.state_dict()) == set(create_model("resnet8", 10, in_chans=1).state_dict())
 
 
+@pytest.mark.slow
 def test_teacher_with_other_classes_is_refused(tmp_path: Path, teacher_dir: Path):
     from dskd.checkpoint import save_model
 
@@ -121,6 +135,7 @@ def _torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProc
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path: Path):
     out = tmp_path / "ddp"
     proc = _torchrun(["--model=resnet8", "--data=digits", "--epochs=8", "--input-size=16", "--in-chans=1",
@@ -146,3 +161,80 @@ def test_more_cuda_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.Monkey
                         lambda *a, **k: pytest.fail("must refuse before joining the group"))
     with pytest.raises(UserError, match="--nproc_per_node 1"):
         distributed.init_distributed("cuda")
+
+
+@pytest.mark.parametrize("kind", ["chosen", "foreach"])
+def test_sgd_update_equals_the_per_parameter_loop(kind):
+    """The trainer's SGD (fused where torch has it, else foreach: one op for all parameters) makes the
+    same update as the per-parameter loop it replaced, momentum and weight decay included."""
+    torch.manual_seed(0)
+    models = [create_model("resnet8", 10, in_chans=1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    c = cfg(weight_decay=5e-4, momentum=0.9)
+    loop = torch.optim.SGD(models[0].parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                           foreach=False)
+    if kind == "chosen":
+        fast = make_optimizer(list(models[1].parameters()), c)
+        assert fast.defaults.get("fused") or fast.defaults.get("foreach")
+    else:
+        fast = torch.optim.SGD(models[1].parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                               foreach=True)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    for _ in range(3):  # momentum buffers come into play from the second step
+        for model, opt in zip(models, (loop, fast), strict=True):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(models[0].fc.weight, create_model("resnet8", 10, in_chans=1).fc.weight)
+
+
+class _SelfHead(Distiller):
+    """A toy method registered from this module: CE plus an auxiliary head on the pooled student
+    features (forward_head(pre_logits=True)); it needs no teacher though its name is not `ce`."""
+
+    name = "toy_selfhead"
+    needs_teacher = False
+    OPTIONS = {"w_aux": Opt(0.5, float, "auxiliary head weight", low=0.0)}
+
+    def __init__(self, student, teacher, options):
+        super().__init__(student, teacher, options)
+        self.aux = nn.Linear(student.num_features, student.fc.out_features)
+
+    def forward(self, x, y, progress=1.0):
+        feats = self.student.forward_features(x)
+        pooled = self.student.forward_head(feats, pre_logits=True)
+        logits = self.student.fc(pooled)
+        return logits, {"ce": F.cross_entropy(logits, y), "aux": self.options["w_aux"] * F.cross_entropy(self.aux(pooled), y)}
+
+
+@pytest.fixture
+def toy_method():
+    cls = register_method(_SelfHead)
+    assert register_method(_SelfHead) is cls  # registering the same class again is a no-op
+    yield cls
+    METHODS.pop(cls.name)
+
+
+def test_a_method_registered_by_decorator_trains_through_its_own_contract(toy_method, tmp_path, monkeypatch):
+    """register_method adds a method; the trainer honours needs_teacher (no teacher asked for) and
+    uses the Distiller's own resume_state_dict() and count_training_only_params()."""
+    from dskd.methods import list_methods
+
+    assert list_methods()[-1] == "toy_selfhead" and list_methods()[:2] == ["ce", "kd"]
+    d = create_distiller("toy_selfhead", create_model("resnet8", 10, in_chans=1), None, {"w_aux": 0.25})
+    assert d.options == {"w_aux": 0.25}
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(type("Other", (_SelfHead,), {}))
+    calls = []
+    for method in ("resume_state_dict", "count_training_only_params"):
+        base = getattr(Distiller, method)
+        monkeypatch.setattr(toy_method, method, lambda self, m=method, b=base: calls.append(m) or b(self))
+    s = train(cfg(method="toy_selfhead", epochs=1, limit_per_class=30), tmp_path)
+    assert set(calls) == {"resume_state_dict", "count_training_only_params"}
+    assert s["training_only_params"] == sum(p.numel() for p in nn.Linear(64, 10).parameters())
+    state = torch_load(tmp_path / "last.pt")
+    assert any(k.startswith("aux.") for k in state["distiller"]) and s["teacher"] is None
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_ce", "loss_aux"} <= set(lines[0])

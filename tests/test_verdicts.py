@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,10 @@ from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.report import validate_report
 from pipeline.run import execute
+from tests.helpers.cli import set_args
+from tests.helpers.runs import copy_run
+
+pytestmark = pytest.mark.slow  # every test copies one real tiny run (its set-up ~5-15 s) and reruns stages
 
 # FP32-only formats keep the export checks numerical (a 1-epoch model quantizes unpredictably);
 # "openvino" is built too so that switching to intel-cpu re-runs only deploy, gate and report.
@@ -40,18 +43,6 @@ def base(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("verdicts") / "base"
     execute(load_recipe("digits-smoke", TINY), run_dir)
     return run_dir
-
-
-def copy_run(base: Path, dst: Path) -> Path:
-    shutil.copytree(base, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
-
-
-def set_args(overrides: dict) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
 
 
 def run_cli(capsys, run_dir: Path, overrides: dict, *flags: str) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from dskd.methods.registry import (
     method_defaults,
     method_options,
     parse_method_option,
+    register_method,
     resolve_method_options,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "method_defaults",
     "method_options",
     "parse_method_option",
+    "register_method",
     "resolve_method_options",
 ]

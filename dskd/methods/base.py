@@ -80,8 +80,9 @@ class Distiller(nn.Module):
         }
 
     def count_training_only_params(self) -> int:
-        """Parameters the method adds on top of the student (buffers excluded)."""
-        return sum(p.numel() for m in self.training_only_modules().values() for p in m.parameters())
+        """Parameters the method adds on top of the student and teacher (buffers excluded), as
+        summary.json reports them: those of training-only modules and any held directly."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(("student.", "teacher.")))
 
     def resume_state_dict(self) -> dict[str, torch.Tensor]:
         """What to save for resume: everything except the (fixed, separately stored) teacher."""

@@ -104,3 +104,43 @@ def guidance_gradient_closed_form(
         return F.conv2d(g_u, w.conv_wt)
     per_sample = (k * g_pool) @ w.conv_w.flatten(1)  # B×C_s, the same at every position
     return per_sample.view(*per_sample.shape, 1, 1).expand_as(x0_hat)
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """A pooled-linear head seen from scaled coordinates: logits = W·(σ ⊙ mean_hw(x) + μ) + b."""
+
+    fc_w: torch.Tensor  # K × C
+    fc_b: torch.Tensor | None
+    scale: torch.Tensor | None  # σ (C) of the feature normalisation, None = identity
+    shift: torch.Tensor | None  # μ (C)
+
+    @staticmethod
+    def read(fc: nn.Linear, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> HeadWeights:
+        return HeadWeights(
+            fc_w=fc.weight.detach().float(),
+            fc_b=None if fc.bias is None else fc.bias.detach().float(),
+            scale=None if scale is None else scale.detach().float(),
+            shift=None if shift is None else shift.detach().float(),
+        )
+
+
+def head_gradient_closed_form(
+    x0_hat: torch.Tensor, target: torch.Tensor, w: HeadWeights, target_sum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """∇_{x̂0} Σ_b Σ_k π_bk log softmax(W·(σ ⊙ mean_hw x̂0 + μ) + b)_k, float32 (teacher-space guide).
+
+    The gradient is σ ⊙ (π − p·Σπ)·W / HW, the same at every position: the guide when the
+    diffusion runs in the teacher's feature space and the teacher head reads it directly.
+    """
+    hw = x0_hat.shape[-2] * x0_hat.shape[-1]
+    pooled = F.adaptive_avg_pool2d(x0_hat, 1).flatten(1)
+    if w.scale is not None:
+        pooled = torch.addcmul(w.shift, pooled, w.scale) if w.shift is not None else pooled * w.scale
+    p = torch.softmax(F.linear(pooled, w.fc_w, w.fc_b), dim=1)
+    s = target.sum(dim=1, keepdim=True) if target_sum is None else target_sum
+    g = (target - p * s) @ w.fc_w  # B×C
+    if w.scale is not None:
+        g = g * w.scale
+    g = g * (1.0 / hw)
+    return g.view(*g.shape, 1, 1).expand_as(x0_hat)

@@ -9,10 +9,12 @@ import torch
 from dskd.methods.base import Distiller, ramp
 from dskd.methods.losses import ce_loss, dkd_loss, kd_loss
 from dskd.methods.options import Opt
+from dskd.methods.registry import register_method
 
 _POS = {"low": 0.0}
 
 
+@register_method
 class CEOnly(Distiller):
     """The student alone with cross-entropy: the no-distillation baseline."""
 
@@ -27,6 +29,7 @@ class CEOnly(Distiller):
         return logits, {"ce": self.options["w_ce"] * ce_loss(logits, y)}
 
 
+@register_method
 class KD(Distiller):
     """w_ce·CE + w_kd·τ²·KL; defaults 0.1 / 0.9 / τ=4 are mdistiller's CIFAR setting."""
 
@@ -47,6 +50,7 @@ class KD(Distiller):
         }
 
 
+@register_method
 class DKD(Distiller):
     """CE + warm-up·DKD(α, β, T). β = 8 suits ResNet32x4→8x4, 2 suits ResNet56→20.
 

@@ -24,14 +24,20 @@ class LSHHash(nn.Module):
     """
 
     def __init__(self, in_dim: int, bits: int, std: float = 1.0, bias_batches: int = 20,
-                 bias_momentum: float | None = None) -> None:
+                 bias_momentum: float | None = None, extra_planes: torch.Tensor | None = None) -> None:
         super().__init__()
+        weight = torch.randn(bits, in_dim) * std
+        if extra_planes is not None:  # given hyperplanes (e.g. a classifier's class directions),
+            # rescaled to a random row's expected norm so their BCE logits weigh like the others'
+            rows = extra_planes.detach().float()
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12) * (std * in_dim**0.5)
+            weight = torch.cat([weight, rows.to(weight.dtype)])
         self.in_dim = in_dim
-        self.bits = bits
+        self.bits = bits  # random planes; `weight` may hold extra given ones after them
         self.bias_batches = bias_batches
         self.bias_momentum = bias_momentum
-        self.register_buffer("weight", torch.randn(bits, in_dim) * std)
-        self.register_buffer("bias", torch.zeros(bits))
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", torch.zeros(weight.shape[0]))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self._bias_done = False  # host-side mirror of batches_seen >= bias_batches (no device sync)
         self._seen_host: int | None = None  # host mirror of batches_seen: read once, then counted here
@@ -59,7 +65,7 @@ class LSHHash(nn.Module):
             raw = self.project(target.detach()) - (
                 self.bias[:, None, None] if target.dim() == 4 else self.bias
             )
-            flat = raw.transpose(0, 1).reshape(self.bits, -1)  # N × (B·H·W)
+            flat = raw.transpose(0, 1).reshape(self.weight.shape[0], -1)  # N × (B·H·W)
             median = flat.median(dim=1).values
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(median)
@@ -79,15 +85,23 @@ class LSHHash(nn.Module):
         return (self.project(f.detach()) > 0).float()
 
     def loss(
-        self, f: torch.Tensor, target: torch.Tensor, sample_mask: torch.Tensor | None = None
+        self, f: torch.Tensor, target: torch.Tensor, sample_mask: torch.Tensor | None = None,
+        soft: float = 0.0,
     ) -> torch.Tensor:
         """BCE-with-logits of P·f + b against the bits of `target`, averaged per sample.
 
         `sample_mask` (B, bool) keeps only some samples (e.g. those the teacher gets right);
-        an empty mask gives an exact zero that still belongs to the graph.
+        an empty mask gives an exact zero that still belongs to the graph. `soft` > 0 uses
+        sigmoid((P·target + b)/soft) instead of hard bits, so a target that moved towards a
+        hyperplane without crossing it still changes the loss.
         """
         logits = self.project(f)
-        per_element = F.binary_cross_entropy_with_logits(logits, self.hash(target), reduction="none")
+        if soft > 0:
+            with torch.no_grad():
+                bits = torch.sigmoid(self.project(target.detach()) / soft)
+        else:
+            bits = self.hash(target)
+        per_element = F.binary_cross_entropy_with_logits(logits, bits, reduction="none")
         per_sample = per_element.flatten(1).mean(dim=1)
         if sample_mask is None:
             return per_sample.mean()

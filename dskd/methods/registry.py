@@ -4,20 +4,43 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from dskd.errors import UserError
 from dskd.methods.base import Distiller
-from dskd.methods.dskd import DSKD
-from dskd.methods.feature_methods import LSHFM, DiffKDStyle, FitNet
-from dskd.methods.logit_methods import DKD, KD, CEOnly
 from dskd.methods.options import Opt, parse_option_text, resolve_options
 
-METHODS: dict[str, type[Distiller]] = {
-    cls.name: cls for cls in (CEOnly, KD, DKD, FitNet, LSHFM, DiffKDStyle, DSKD)
-}
+METHODS: dict[str, type[Distiller]] = {}
+
+D = TypeVar("D", bound=type[Distiller])
+
+
+def register_method(cls: D) -> D:
+    """Class decorator: make a Distiller subclass available under its `name` (as
+    `dskd.models.register_model` does for models). Registering the same class again is a no-op;
+    another class under a taken name is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Distiller)) or not cls.name:
+        raise TypeError(f"register_method takes a Distiller subclass with a `name`, got {cls!r}")
+    have = METHODS.get(cls.name)
+    if have is not None and have is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice ({have.__qualname__}, {cls.__qualname__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+# The built-in methods register themselves with @register_method when their modules are imported,
+# here, after register_method exists; listed in the order of the benchmark table, and methods
+# registered later (a user's module) follow them.
+from dskd.methods.dskd import DSKD  # noqa: E402
+from dskd.methods.feature_methods import LSHFM, DiffKDStyle, FitNet  # noqa: E402
+from dskd.methods.logit_methods import DKD, KD, CEOnly  # noqa: E402
+
+_TABLE_ORDER = (CEOnly, KD, DKD, FitNet, LSHFM, DiffKDStyle, DSKD)
+_later = {n: c for n, c in METHODS.items() if c not in _TABLE_ORDER}
+METHODS.clear()
+METHODS.update({c.name: c for c in _TABLE_ORDER}, **_later)
 
 
 def list_methods() -> list[str]:

@@ -21,10 +21,14 @@ class FeatureClassifier(nn.Module):
         """Return the last feature map, B x num_features x H x W."""
         raise NotImplementedError
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Global average pool + flatten + linear: logits from the last feature map."""
-        pooled = F.adaptive_avg_pool2d(features, 1)
-        return self.fc(torch.flatten(pooled, 1))
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool + flatten + linear: logits from the last feature map.
+
+        pre_logits=True stops before `fc` and returns the pooled B x num_features vector (timm's
+        convention), so a method that needs pooled features does not pool by hand.
+        """
+        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        return pooled if pre_logits else self.fc(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -10,8 +10,10 @@ The board's state (power mode, clocks locked, temperature) is set with `set_stat
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
+
+from tests.fakes import write_exe as _exe
+from tests.fakes import write_text as _write
 
 RELEASE = ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
            "DATE: Wed Jan  8 01:49:37 UTC 2025\n# KERNEL_VARIANT: oot\n")
@@ -52,18 +54,6 @@ echo "=== Model Options ==="
 """
 
 FAKE_MODULE = '"""FAKE {name} for tests (NOT the real package): carries a version only."""\n__version__ = "{version}"\n'
-
-
-def _exe(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def make_fake_jetson(root: Path, *, trtexec_banner: str | None = "100300", cuda: str = "12.6.68") -> Path:
@@ -120,7 +110,7 @@ def set_state(root: Path, *, power_mode: int = 0, clocks_locked: bool = True, te
         _write(z / "trip_point_1_temp", "104500\n")
 
 
-def write_fake_python_lib(lib: Path, *, tensorrt: str | None = "10.3.0", torch: str | None = "2.7.0",
+def write_fake_python_lib(lib: Path, *, tensorrt: str | None = "10.3.0", torch: str | None = "2.8.0",
                           torch_tensorrt: str | None = "2.8.0", pycuda: str | None = "2024.1") -> Path:
     """FAKE importable packages (version only) for the device's `PYTHONPATH`; None leaves one out
     (so the real one, if any, or nothing is found)."""

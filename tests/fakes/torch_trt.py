@@ -5,12 +5,17 @@ and the FAKE `convert_exported_program_to_serialized_trt_engine` checks what it 
 ExportedProgram with a dynamic batch, the Input profile, the precisions) and returns a FAKE
 "engine": JSON bytes recording that, plus the exported program's outputs at the profile's min and
 max batch (so a test can check that the exported graph computes what the student computes).
-The FAKE ModelOpt `mtq.quantize` only records that it was called with a calibration loop.
+The FAKE `compile` + `save` write the REAL `torch.export.save` of the exported graph (no TensorRT)
+as the `.ep`, and the FAKE `load` reads it back with `torch.export.load`, so the runner's
+`torch_tensorrt.load` path can measure it. The FAKE ModelOpt `mtq.quantize` only records that it
+was called with a calibration loop.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from tests.fakes import write_text as _write
 
 FAKE_TORCH_TENSORRT = '''"""FAKE torch_tensorrt for tests (NOT the real package)."""
 __version__ = "{version}"
@@ -23,13 +28,22 @@ class Input:
 
 
 def save(module, path, output_format="exported_program", arg_inputs=None, **kw):
-    import json
-    with open(path, "w") as fh:
-        json.dump({{"fake_ep": True, "output_format": output_format}}, fh)
+    """FAKE: the REAL torch.export.save of `module` (no TensorRT inside), dynamic batch as compiled."""
+    import torch
+    assert output_format == "exported_program", output_format
+    inp = getattr(module, "_fake_trt_input", None)
+    dyn = None
+    if inp is not None and inp.max_shape[0] > inp.min_shape[0]:
+        dyn = ({{0: torch.export.Dim("batch", min=inp.min_shape[0], max=inp.max_shape[0])}},)
+    with torch.no_grad():
+        program = torch.export.export(module, tuple(arg_inputs), dynamic_shapes=dyn)
+    torch.export.save(program, path)
 
 
-def load(path):
-    raise RuntimeError("FAKE torch_tensorrt cannot load")
+def load(path, **kw):
+    """FAKE: the REAL torch.export.load (what save above wrote)."""
+    import torch
+    return torch.export.load(path)
 '''
 
 FAKE_DYNAMO = '''"""FAKE torch_tensorrt.dynamo for tests (NOT the real package)."""
@@ -60,8 +74,10 @@ def convert_exported_program_to_serialized_trt_engine(exported_program, arg_inpu
     return json.dumps(record).encode()
 
 
-def compile(exported_program, **kwargs):
-    return exported_program.module()
+def compile(exported_program, arg_inputs=None, **kwargs):
+    module = exported_program.module()  # FAKE: no TensorRT, the exported graph itself
+    module._fake_trt_input = arg_inputs[0] if arg_inputs else None
+    return module
 '''
 
 FAKE_MODELOPT_Q = '''"""FAKE modelopt.torch.quantization for tests (NOT NVIDIA ModelOpt): records the call only."""
@@ -83,11 +99,6 @@ import contextlib
 def export_torch_mode():
     return contextlib.nullcontext()
 '''
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def write_fake_torch_trt_lib(lib: Path, *, torch_tensorrt: str, tensorrt: str | None = "10.14.1",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import cli, run_main, set_args
+from tests.helpers.cli import cli, run_main, set_args
 
 CASES = {
     "unknown key": ({"student.epoch": 3}, "unknown key 'student.epoch'; did you mean 'student.epochs'?"),
@@ -60,6 +60,7 @@ def test_unknown_target_in_a_recipe_file_names_the_file_and_key(tmp_path: Path, 
     assert not (tmp_path / "run" / "stages").exists()
 
 
+@pytest.mark.slow
 def test_bad_recipe_file_exits_2_from_a_real_process(tmp_path: Path):
     recipe = tmp_path / "mine.toml"
     recipe.write_text('name = "mine"\n[student]\nepochs = 5\nbatchsize = 32\n')

@@ -11,24 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from dskd.checkpoint import save_model
 from dskd.models import create_model
-from tests.reliability.conftest import run_main, set_args
-
-SMALL = {"data.input_size": 16, "data.in_chans": 1, "teacher.model": "resnet8", "teacher.epochs": 1,
-         "student.model": "resnet8", "student.epochs": 1, "student.method": "kd",
-         "student.options": {}}
-
-
-def image_folder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 3) -> Path:
-    for split in ("train", "test"):
-        for i, cls in enumerate(classes):
-            (root / split / cls).mkdir(parents=True)
-            for j in range(per_class):
-                Image.new("L", (8, 8), 40 * i + j).save(root / split / cls / f"{j}.png")
-    return root
+from tests.helpers.cli import run_main, set_args
+from tests.helpers.data import image_folder
+from tests.helpers.runs import SMALL
 
 
 def run_on(data: Path | str, tmp_path: Path, capsys: pytest.CaptureFixture[str], **overrides: object):
@@ -73,6 +61,7 @@ def _teacher(path: Path, class_names: list[str], in_chans: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_teacher_trained_on_other_classes_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     teacher = _teacher(tmp_path / "teacher.pt", [f"c{i}" for i in range(10)], in_chans=1)
     msg, out = run_on("digits", tmp_path, capsys, **{"teacher.checkpoint": str(teacher)})
@@ -87,6 +76,7 @@ def test_grayscale_data_for_an_rgb_teacher_is_refused(tmp_path: Path, capsys: py
     assert_nothing_trained(out)
 
 
+@pytest.mark.slow
 def test_skip_bad_is_reachable_from_the_cli_and_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The error's advice works as written: `pipeline train --skip_bad` and `[data] skip_bad = true`."""
     import json

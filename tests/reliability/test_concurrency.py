@@ -11,16 +11,13 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from pipeline.report import validate_report
-from tests.reliability.conftest import (
-    TINY,
-    assert_no_torn_files,
-    cli,
-    copy_run,
-    set_args,
-    start_cli,
-    wait_for,
-)
+from tests.helpers.cli import cli, set_args, start_cli, wait_for
+from tests.helpers.runs import TINY, assert_no_torn_files, copy_run
+
+pytestmark = pytest.mark.slow  # two full CLI runs on the base run (~20 s quiet)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

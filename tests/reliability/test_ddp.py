@@ -15,8 +15,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from dskd.checkpoint import torch_load
-from tests.reliability.conftest import TINY, set_args, stage_dir, start_cli, wait_for
+from tests.helpers.cli import set_args, start_cli, wait_for
+from tests.helpers.runs import TINY, stage_dir
+
+pytestmark = pytest.mark.slow  # two-process DDP jobs, one waits out the DDP timeout (~55 s)
 
 
 def _parent(pid: int) -> int | None:

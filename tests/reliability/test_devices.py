@@ -27,21 +27,18 @@ import pytest
 from pipeline.recipe import load_recipe
 from pipeline.report import validate_report
 from pipeline.run import execute
-from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason, sshd_server
-from tests.reliability.conftest import TINY, copy_run
+from tests._sshd import Sshd, free_port, keygen, sshd_missing_reason
+from tests.helpers.runs import TINY, copy_run
 
-pytestmark = pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason()))
+pytestmark = [
+    pytest.mark.skipif(sshd_missing_reason() is not None, reason=str(sshd_missing_reason())),
+    pytest.mark.slow,  # each needs the session's base run (~20 s) and a real sshd; some wait out a bound
+]
 # "Bounded, not hung": a hang never ends, so the bound only has to tell the two apart, and it must
 # hold on a 2x oversubscribed machine (the hang case took 24 s alone and 86 s under load, against a
 # 60 s bound that then failed). What is tight is checked without a clock: each failure names the
 # limit that stopped it (e.g. "did not finish within 3 s") and nothing is left running on the device.
 BOUND_S = 300
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    with sshd_server(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 def ssh_setup(folder: Path, sshd: Sshd, key: Path) -> Path:
@@ -214,8 +211,8 @@ def test_bench_file_name_that_looks_like_an_option_runs_nothing(
         good_ssh: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """`pipeline bench "./-oProxyCommand=touch X.onnx" --target ssh-cpu` used to run `touch X.onnx`
     locally (scp read the name as an option). Now the file is measured and nothing runs."""
-    from tests.reliability.conftest import run_main
-    from tests.test_targets_runner import build_tiny_artifacts
+    from tests.helpers.artifacts import build_tiny_artifacts
+    from tests.helpers.cli import run_main
 
     (tmp_path / "tiny").mkdir()
     tiny = build_tiny_artifacts(tmp_path / "tiny", quantized=False)

@@ -28,9 +28,10 @@ from PIL import Image
 
 from dskd.data import load_data
 from dskd.errors import UserError
-from tests.reliability.conftest import REPO, run_main, set_args
+from tests.helpers.cli import REPO, run_main, set_args
+from tests.helpers.data import image_folder
+from tests.helpers.runs import SMALL
 from tests.reliability.hostile import gzip_tar_with_zero_member, huge_rgba_png, zip_with_zero_member
-from tests.reliability.test_bad_data import SMALL, image_folder
 
 GIB = 1 << 30
 MAX_RSS = GIB  # the goal: every hostile input is refused within 1 GiB
@@ -140,6 +141,7 @@ def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "png": huge_rgba_png(d / "huge.png")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
 def test_archive_with_a_2gib_member_is_refused_at_its_header(kind: str, bombs: dict[str, Path], tmp_path: Path):
     archive = bombs[kind]
@@ -151,6 +153,7 @@ def test_archive_with_a_2gib_member_is_refused_at_its_header(kind: str, bombs: d
     assert_nothing_cached_or_trained(tmp_path)
 
 
+@pytest.mark.slow
 def test_sparse_2gib_image_file_is_refused_unread(tmp_path: Path):
     root = image_folder(tmp_path / "data")
     big = root / "train" / "a" / "big.png"
@@ -161,6 +164,7 @@ def test_sparse_2gib_image_file_is_refused_unread(tmp_path: Path):
     assert code == 2 and f"{big}: is 2.0 GiB, over the per-file cap of 64.0 MiB (data.max_file_mb)" in msg
 
 
+@pytest.mark.slow
 def test_png_decompression_bomb_is_refused_before_decoding(bombs: dict[str, Path], tmp_path: Path):
     root = image_folder(tmp_path / "data")
     bomb = root / "train" / "b" / "huge.png"
@@ -237,6 +241,7 @@ def _fifo_and_socket(root: Path) -> tuple[Path, Path, socket.socket]:
     return fifo, sock_path, sock
 
 
+@pytest.mark.slow
 def test_fifo_and_socket_are_refused_without_being_opened(tmp_path: Path):
     root = image_folder(tmp_path / "data")
     fifo, _, sock = _fifo_and_socket(root)
@@ -247,6 +252,7 @@ def test_fifo_and_socket_are_refused_without_being_opened(tmp_path: Path):
     assert "(1 more unreadable images)" in msg  # the socket
 
 
+@pytest.mark.slow
 def test_fifo_and_socket_are_skipped_with_skip_bad_and_training_proceeds(tmp_path: Path):
     root = image_folder(tmp_path / "data")
     fifo, sock_path, sock = _fifo_and_socket(root)
@@ -301,6 +307,7 @@ def test_cifar_batch_linked_out_of_the_folder_is_refused(tmp_path: Path):
 
 
 # ------------------------------------------------------------------ memory pressure
+@pytest.mark.slow
 def test_running_out_of_memory_while_decoding_is_one_line(tmp_path: Path):
     """Under RLIMIT_AS (ulimit -v) set just above what the imports need, decoding 1024×1024
     RGB arrays (140 × 3 MiB) cannot fit: exit 2, one line naming the step and what to lower."""
@@ -321,6 +328,7 @@ def test_running_out_of_memory_while_decoding_is_one_line(tmp_path: Path):
     assert_nothing_cached_or_trained(tmp_path)
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_while_training_is_one_line(tmp_path: Path):
     """The data fit but the training step does not: digits at 128×128 in batches of 512 through
     resnet20 need GBs of activations. Under RLIMIT_AS set 768 MiB above what the imports and the
@@ -346,6 +354,7 @@ def test_running_out_of_memory_while_training_is_one_line(tmp_path: Path):
 
 
 # ------------------------------------------------------------------ statistics and the cache
+@pytest.mark.slow
 def test_constant_channel_is_normalized_with_std_1_and_training_stays_finite(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     root = tmp_path / "data"

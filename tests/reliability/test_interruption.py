@@ -13,19 +13,14 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from dskd.checkpoint import torch_load
 from pipeline.report import validate_report
-from tests.reliability.conftest import (
-    TINY,
-    assert_no_torn_files,
-    assert_same_weights,
-    cli,
-    copy_run,
-    set_args,
-    stage_dir,
-    start_cli,
-    wait_for,
-)
+from tests.helpers.cli import cli, set_args, start_cli, wait_for
+from tests.helpers.runs import TINY, assert_no_torn_files, assert_same_weights, copy_run, stage_dir
+
+pytestmark = pytest.mark.slow  # kill -9 mid-stage, then a rerun (~7-23 s each)
 
 
 def kill_when(proc: subprocess.Popen, condition, what: str, log: Path) -> None:

@@ -19,7 +19,9 @@ import pytest
 from dskd.checkpoint import torch_load
 from dskd.errors import UserError
 from dskd.trainer import TrainConfig, train
-from tests.reliability.conftest import REPO, child_env
+from tests.helpers.cli import REPO, child_env
+
+pytestmark = pytest.mark.slow  # real training under a full disk / RLIMIT_FSIZE (~6-10 s each)
 
 ARGS = dict(model="resnet8", data="digits", epochs=3, input_size=16, in_chans=1, device="cpu")
 CLI_ARGS = ["--model=resnet8", "--data=digits", "--epochs=3", "--input-size=16", "--in-chans=1", "--device=cpu"]

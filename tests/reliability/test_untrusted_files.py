@@ -22,7 +22,7 @@ from deploy_targets.remote.runner import Protocol
 from dskd.checkpoint import FORMAT, build_model, load_model_file
 from dskd.errors import UserError
 from tests._sshd import free_port
-from tests.reliability.conftest import run_main, set_args
+from tests.helpers.cli import run_main, set_args
 
 FAST = Protocol(warmup_seconds=0.02, min_iters=10, min_seconds=0.05, contention_retries=0)
 

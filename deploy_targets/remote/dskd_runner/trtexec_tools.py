@@ -1,6 +1,6 @@
 """Build trtexec command lines and parse what trtexec writes (standard library only).
 
-Copied to the device beside runner.py. Formats follow NVIDIA's trtexec
+Part of the runner package copied to the device. Formats follow NVIDIA's trtexec
 (samples/common/sampleReporting.cpp): `--exportTimes` writes one JSON object per
 inference (warm-up ones included) with start/end timestamps and the derived
 `h2dMs`, `computeMs`, `d2hMs`, `latencyMs` (= H2D + compute + D2H) and `endToEndMs`;
