@@ -12,7 +12,7 @@ from dskd.methods import create_distiller
 from dskd.methods.dskd import V1_OPTIONS
 from dskd.methods.lsh import LSHHash
 from dskd.methods.schedule import DiffusionSchedule
-from tests.helpers.nets import TinyNet, fresh_teacher, grads_by_term, synthetic
+from tests.helpers.nets import TinyNet, fresh_teacher, grads_by_term, synthetic, train_history
 
 # The v1 reconstruction with the spec's starting values (the defaults before issue 14): these tests
 # pin its behaviour; tests/test_dskd_v2.py covers the v2 defaults.
@@ -265,18 +265,8 @@ def test_dskd_steps_reduce_the_loss_of_a_fresh_student(teacher: TinyNet) -> None
     torch.manual_seed(0)
     d = create_distiller("dskd", TinyNet(16), fresh_teacher(teacher), {**V1, "lsh_warmup": 0.0, "lsh_bias_batches": 5})
     x, y = synthetic(256, seed=9)
-    opt = torch.optim.Adam(d.trainable_parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(10)
-    history: list[dict[str, float]] = []
-    steps = 40
     d.train()
-    for step in range(steps):
-        idx = torch.randint(0, 256, (32,), generator=g)
-        _, losses = d(x[idx], y[idx], progress=step / steps)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
+    history = train_history(d, x, y)
 
     def mean(key: str, part: slice) -> float:
         rows = history[part]

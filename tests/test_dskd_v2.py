@@ -12,7 +12,7 @@ from dskd.methods.diffusion_branch import ddim_invert
 from dskd.methods.lsh import LSHHash
 from dskd.methods.probes import dskd_probes
 from dskd.methods.schedule import DiffusionSchedule
-from tests.helpers.nets import TinyNet, fresh_teacher, grads_by_term, synthetic
+from tests.helpers.nets import TinyNet, fresh_teacher, grads_by_term, synthetic, train_history
 
 # `teacher` (a TinyNet(32) trained on `synthetic`) is a fixture of tests/conftest.py.
 
@@ -20,6 +20,15 @@ from tests.helpers.nets import TinyNet, fresh_teacher, grads_by_term, synthetic
 def v2(teacher_model: TinyNet, **options: object):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     return create_distiller("dskd", TinyNet(16), fresh_teacher(teacher_model), options)
+
+
+def start_of_chain(d, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    """What the chain starts from: A(f_s), the guidance target and fixed noise (feature stats observed)."""
+    with torch.no_grad():
+        z_t, f_t = d.teacher_outputs(x)
+        d.feature_stats.observe(f_t)
+        a_s = d.adapter(d.student.forward_features(x))
+    return a_s, d.guidance_target(y, z_t), torch.randn_like(a_s)
 
 
 def test_defaults_build_the_branch_in_the_teacher_space(teacher: TinyNet) -> None:
@@ -66,12 +75,7 @@ def test_each_module_learns_only_from_its_own_terms(teacher: TinyNet, loss_guida
 def test_guidance_in_the_teacher_space_raises_the_target_log_probability(teacher: TinyNet) -> None:
     d = v2(teacher).train()
     x, y = synthetic(32, seed=4)
-    with torch.no_grad():
-        z_t, f_t = d.teacher_outputs(x)
-        d.feature_stats.observe(f_t)
-        a_s = d.adapter(d.student.forward_features(x))
-    target = d.guidance_target(y, z_t)
-    noise = torch.randn_like(a_s)
+    a_s, target, noise = start_of_chain(d, x, y)
 
     def log_p(scale: float) -> float:
         f_hat, _ = d.denoise(a_s, target, noise=noise, scale=scale)
@@ -97,12 +101,7 @@ def test_feature_start_keeps_the_chain_and_the_hash_off_until_it(teacher: TinyNe
 def test_cancel_target_is_the_start_without_guidance(teacher: TinyNet) -> None:
     d = v2(teacher, target_mode="cancel").train()
     x, y = synthetic(8, seed=8)
-    with torch.no_grad():
-        z_t, f_t = d.teacher_outputs(x)
-        d.feature_stats.observe(f_t)
-        a_s = d.adapter(d.student.forward_features(x))
-    target = d.guidance_target(y, z_t)
-    noise = torch.randn_like(a_s)
+    a_s, target, noise = start_of_chain(d, x, y)
     same, _ = d.denoise(a_s, target, noise=noise, scale=0.0)
     assert torch.allclose(same, a_s, atol=1e-5)  # the noise and the denoiser's error cancel exactly
     guided, _ = d.denoise(a_s, target, noise=noise)
@@ -181,17 +180,7 @@ def test_v2_variants_train_and_keep_every_parameter_in_use(teacher: TinyNet, opt
 def test_v2_steps_reduce_the_loss_of_a_fresh_student(teacher: TinyNet) -> None:
     d = v2(teacher, lsh_warmup=0.0, lsh_bias_batches=5, feature_start=0.1).train()
     x, y = synthetic(256, seed=9)
-    opt = torch.optim.Adam(d.trainable_parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(10)
-    history = []
-    steps = 40
-    for step in range(steps):
-        idx = torch.randint(0, 256, (32,), generator=g)
-        _, losses = d(x[idx], y[idx], progress=step / steps)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
+    history = train_history(d, x, y)
     first, last = history[:5], history[-5:]
     for key in ("ce", "kd", "diff", "adapt"):
         assert sum(r[key] for r in last) < sum(r[key] for r in first), key

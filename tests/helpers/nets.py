@@ -83,3 +83,19 @@ def grads_by_term(d, losses: dict[str, torch.Tensor], params: list[torch.nn.Para
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         out[name] = sum(float(g.abs().sum()) for g in grads if g is not None)
     return out
+
+
+def train_history(d, x: torch.Tensor, y: torch.Tensor, steps: int = 40, lr: float = 3e-3,
+                  seed: int = 10) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Adam steps of distiller `d` on random batches of 32 from (x, y); the loss terms per step."""
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        _, losses = d(x[idx], y[idx], progress=step / steps)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    return history
