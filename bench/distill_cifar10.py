@@ -76,12 +76,18 @@ class Budget:
     holdout: float = 0.2
     augmentation: str = "random crop 32 (pad 4) + horizontal flip"
     teacher_precision: str | None = None  # None: the students' precision
+    student_lr: float | None = None  # None: `lr`, the teacher's, for the students too
+
+    @property
+    def students_lr(self) -> float:
+        return self.lr if self.student_lr is None else self.student_lr
 
     def key(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
-        if d["teacher_precision"] is None:  # keeps the key of files written before the field existed
-            del d["teacher_precision"]
+        for name in ("teacher_precision", "student_lr"):  # keeps the key of files written before these existed
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod
@@ -97,12 +103,19 @@ BUDGETS = {
     # Cross-family pair: the same resnet20 teacher (64×8×8 last map, residual) and a MobileNetV2
     # student (1280×2×2, inverted residual): widths differ 20×, maps 4× per side. fp32 because this
     # CPU ran MobileNetV2's step slower in bf16 than in fp32 (`--stage pair` measures both).
-    "cross": Budget(student="mobilenetv2", precision="fp32", teacher_precision="bf16"),
+    # Student lr = LIGHT_STUDENT_LR_FACTOR × the same-family lr (see there): at 0.1 its ReLU head died.
+    "cross": Budget(student="mobilenetv2", student_lr=0.02, precision="fp32", teacher_precision="bf16"),
     "smoke_cross": Budget(teacher_subset=600, teacher_epochs=1, student="mobilenetv2", subset=400, epochs=1,
-                          batch=64, seeds=(0,), precision="fp32", teacher_precision="bf16"),
+                          batch=64, student_lr=0.02, seeds=(0,), precision="fp32", teacher_precision="bf16"),
 }
 # Budgets that reuse another budget's teacher (same teacher config) and its tuned picks.
 SHARES_WITH = {"cross": "default", "smoke_cross": "smoke"}
+# Depthwise students (MobileNetV2, ShuffleNet) train at 1/5 of the lr the others get, as in RepDistiller/CRD
+# (0.01 vs 0.05) and mdistiller. Issue #14: at lr 0.1 the MobileNetV2 student's 1280-wide ReLU head died
+# within ~20 steps (≥95 % channels never active, CE stuck at ln 10) whenever a method's terms added about
+# a CE's worth of gradient (CE + KD at 1 + 1 in DSKD and DiffKD, LSHFM's L2), with or without an adapter.
+LIGHT_STUDENTS = ("mobilenetv2", "shufflenetv2")
+LIGHT_STUDENT_LR_FACTOR = 0.2
 
 
 @dataclass(frozen=True)
@@ -326,7 +339,7 @@ def student_config(b: Budget, data: str, method: str, options: dict[str, Any], s
                    teacher: str | None, holdout: float = 0.0):  # type: ignore[no-untyped-def]
     from dskd.trainer import TrainConfig
 
-    return TrainConfig(model=b.student, data=data, epochs=b.epochs, batch_size=b.batch, lr=b.lr,
+    return TrainConfig(model=b.student, data=data, epochs=b.epochs, batch_size=b.batch, lr=b.students_lr,
                        weight_decay=b.weight_decay, schedule=b.schedule, precision=b.precision,
                        method=method, teacher=teacher if method != "ce" else None,
                        options=dict(options), train_subset=b.subset, holdout=holdout, seed=seed,
@@ -590,7 +603,7 @@ def pair_table(title: str, data: dict[str, Any], results_path: Path, tuning: dic
         f"From `{rel}`. Teacher `{b.teacher_model}`: **test top-1 "
         + (f"{t['top1']:.2f}%" if "top1" in t else "— (not recorded in this file yet)") + "** "
         f"(CE, {b.teacher_subset} images, {b.teacher_epochs} epochs, {b.teacher_precision or b.precision}). "
-        f"Students `{b.student}`: {b.subset} train images, {b.epochs} epochs, batch {b.batch}, lr {b.lr} "
+        f"Students `{b.student}`: {b.subset} train images, {b.epochs} epochs, batch {b.batch}, lr {b.students_lr} "
         f"{b.schedule}, {b.precision}, seeds {', '.join(map(str, b.seeds))}. Load average (1 min) per stage: "
         + (", ".join(f"{st['stage']} {st['load_avg_1m'][0]}→"
                      + (f"{st['load_avg_1m'][1]}" if len(st["load_avg_1m"]) > 1 else "(stopped)")
@@ -615,7 +628,7 @@ def render(data: dict[str, Any], results_path: Path, cross: dict[str, Any] | Non
         "(arXiv 2602.02107) from the paper's abstract, see [dskd.md](dskd.md).", "",
         f"- Every method has the same budget: class-balanced subset of **{b.subset} train images "
         f"({100 * b.subset / 50000:.0f}%)**, drawn per seed (seed n → subset n, the same for all methods), "
-        f"{b.epochs} epochs, batch {b.batch}, SGD momentum 0.9, lr {b.lr} {b.schedule}, weight decay "
+        f"{b.epochs} epochs, batch {b.batch}, SGD momentum 0.9, lr {b.students_lr} {b.schedule}, weight decay "
         f"{b.weight_decay}, {b.augmentation}; top-1 on the full 10 000-image test split.",
         f"- Tuning: every method gets at most **{CONFIGS_PER_METHOD} configurations**, each trained once on "
         f"{100 * (1 - b.holdout):.0f}% of the seed-{TUNING_SEED} subset and scored on the other "

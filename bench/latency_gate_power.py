@@ -1,11 +1,11 @@
 """Power of the latency regression gate: false alarms on unchanged artifacts, catches of real slowdowns.
 
 For the `cpu` (ONNX Runtime) and `intel-cpu` (OpenVINO) targets, every trial is one gate
-decision made exactly as `pipeline run --baseline` makes it: the deploy stage's interleaved A/B
-rounds (pipeline.regression_stats.interleaved_rounds, each side one runner measurement through
-deploy_targets.measure with the recipe's default protocol shortened as the deploy stage shortens
-it for rounds (regression_stats.round_protocol), stopping when the rule
-decides or the `gates.regression_budget_s` budget ends) and the gate row
+decision made exactly as `pipeline run --baseline` makes it: pipeline.latency_ab.interleaved_ab
+(the same function the deploy stage calls: for these local targets, chunks of interleaved A/B
+rounds timed in one runner process, deploy_targets.measure_pair, each side with the recipe's
+default protocol shortened for rounds, regression_stats.round_protocol; more chunks while the
+rule is undecided, within `gates.regression_budget_s`) and the gate row
 (pipeline.gates.paired_latency_row) with the tolerance and `gates.regression_inconclusive` policy.
 
 Conditions per target, interleaved trial by trial:
@@ -50,13 +50,15 @@ from deploy_targets.remote import runner  # noqa: E402
 from dskd.atomic import write_json  # noqa: E402
 from pipeline import regression_stats as rs  # noqa: E402
 from pipeline.gates import paired_latency_row  # noqa: E402
+from pipeline.latency_ab import interleaved_ab, round_protocol_of  # noqa: E402
 from pipeline.recipe import GateConfig, TargetConfig  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "latency_gate_power.json"
 TARGETS = ("cpu", "intel-cpu")
 LEVELS = (0.05, 0.10, 0.20)
 AA = "A/A"
-FORMAT = 3  # 2: rounds kept by regression_stats.paired_usable; 3: k corrected on a clear interval
+FORMAT = 4  # 2: rounds kept by regression_stats.paired_usable; 3: k corrected on a clear interval;
+# 4: the gate's rounds are paired in one runner process (pipeline.latency_ab)
 SIDE_SCALE = 1e-6  # the side branch's weight in the logits: tiny, but not zero (never optimized away)
 
 
@@ -187,14 +189,13 @@ def calibrate(target: str, folder: Path, seed: int, rounds: int, state: dict[str
 # --------------------------------------------------------------------------- gate decisions
 def decide(target: str, cand: Path, base: Path, gates: GateConfig, protocol: Protocol) -> dict[str, Any]:
     """One gate decision, as `pipeline run --baseline` makes it (same rounds, same rule, same row)."""
-    def one(side: str) -> tuple[float, bool, dict[str, Any]]:
-        m = measure(cand if side == rs.CANDIDATE else base, target, protocol=protocol, batch_sizes=[1],
-                    hint="latency")
-        return m.p50_ms, any(e.get("contended") for e in m.latency), rs.side_details(m)
+    def one_side(path: Path) -> Any:  # device targets only; cpu and intel-cpu pair in one process
+        return measure(path, target, protocol=round_protocol_of(protocol), batch_sizes=[1], hint="latency")
 
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
-    rec = rs.interleaved_rounds(one, gates.max_latency_regression, gates.regression_budget_s)
+    rec = interleaved_ab(cand, base, target, "fp32", protocol, gates.max_latency_regression,
+                         gates.regression_budget_s, measure_side=one_side)
     seconds = time.monotonic() - t0
     row = paired_latency_row({"runtime": get_target(target).runtime, "precision": "fp32",
                               "baseline_comparison": rec}, gates)
@@ -205,7 +206,7 @@ def decide(target: str, cand: Path, base: Path, gates: GateConfig, protocol: Pro
             "high": d.get("high"), "rounds": rec["rounds"], "kept": sum(rec["kept"]), "stopped": rec["stopped"],
             "seconds": round(seconds, 2), "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
             "ratios": [round(c / b, 5) for c, b in zip(rec["candidate_p50_ms"], rec["baseline_p50_ms"], strict=True)],
-            "kept_rounds": rec["kept"], "sides": rec.get("sides")}
+            "kept_rounds": rec["kept"], "sides": rec.get("sides"), "mode": rec.get("mode")}
 
 
 def summarize(state: dict[str, Any], targets: list[str]) -> dict[str, Any]:
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--work", default="", help="folder for the ONNX files (default: TMPDIR/latency_gate_power_work, "
                                               "removed when the run is complete)")
+    p.add_argument("--conditions", default="",
+                   help="free text stored in the JSON: how the machine was run (load, priorities)")
     p.add_argument("--fresh", action="store_true", help="discard a previous (partial) result instead of resuming")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                "regression_budget_s": args.budget_s, "protocol": {"warmup_seconds": protocol.warmup_seconds,
                                                                    "min_iters": protocol.min_iters,
                                                                    "min_seconds": protocol.min_seconds},
+               "conditions": args.conditions,
                "complete": complete, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "details": details(state, targets), "settings": settings, "state": state}
         write_json(out, doc)

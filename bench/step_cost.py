@@ -11,6 +11,9 @@ Timing: every method trains on the same synthetic CIFAR-shaped batch in this one
 rounds are interleaved (ce, kd, ..., dskd, then again) so load from other jobs on a shared
 machine hits all methods alike. A step is what the trainer does: autocast forward, loss
 bookkeeping (finite check + running sums), backward, SGD step.
+Each round also records this process's CPU time (time.process_time): on a machine shared with
+other jobs wall time stretches with their load, CPU time hardly, so `x_kd_cpu` (median over
+rounds of the per-round CPU-time ratio to KD) is the steadier figure there.
 
 Counts (one profiled step per method, torch profiler, CPU activity):
 - `ops_top`: outermost aten ops (an op a Python line dispatches; ops it calls inside are not
@@ -101,6 +104,15 @@ def train_step_fn(distiller: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return step, ("LossBook" if book is not None else "per-term float()")
 
 
+def malloc_setting() -> str:
+    """Whether a method fixed glibc's malloc thresholds in this process (DSKD does on CPU, issue 15)."""
+    try:
+        from dskd.methods import cpu_memory
+    except ImportError:  # the code before issue 15's allocator fix (a before/after run of old code)
+        return "default"
+    return "glibc thresholds fixed (dskd.methods.cpu_memory)" if cpu_memory._state["applied"] else "default"
+
+
 def count_ops(step, device: torch.device) -> dict[str, int]:
     """Profile one step: outermost and all aten ops, and the would-sync calls (see module doc)."""
     from torch.profiler import ProfilerActivity, profile
@@ -146,7 +158,9 @@ def render_markdown(runs: dict[str, Any]) -> str:
              "Generated from `bench/results/step_cost.json` by `python bench/step_cost.py --docs-only`. "
              "Seconds per optimizer step (best of interleaved rounds; median in brackets - the spread is "
              "load from other jobs on this shared machine), resnet20 → resnet8, batch 128, bf16 autocast, "
-             "DSKD with the shipped `[student.options]`. `ops` = outermost aten ops per step, `syncs` = calls "
+             "DSKD with the shipped `[student.options]`. `× KD (CPU time)` = median over rounds of this process's CPU "
+             "seconds per step over KD's (`time.process_time`: what other jobs' load does to wall time barely "
+             "touches it; runs before it was recorded show -). `ops` = outermost aten ops per step, `syncs` = calls "
              "that block the host on a GPU (`.item()`-style reads, `nonzero`, `torch.tensor` uploads; "
              "counted on CPU too, see the bench's docstring).", ""]
     for key, run in runs.items():
@@ -154,16 +168,18 @@ def render_markdown(runs: dict[str, Any]) -> str:
         lines += [f"### {key}", "",
                   f"Command: `{run['command']}`. {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}; "
                   f"load average (1/5/15 min) {m['load_avg_before']} before, {m['load_avg_after']} after; "
-                  f"seed {run['settings']['seed']}; loss bookkeeping: {run['rows'][0]['bookkeeping']}.", "",
-                  "| method | s / step | × KD (best) | × KD (median of per-round ratios) | ops | ops incl. nested "
-                  "| syncs |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  f"seed {run['settings']['seed']}; loss bookkeeping: {run['rows'][0]['bookkeeping']}; "
+                  f"malloc: {m.get('malloc', 'default')}.", "",
+                  "| method | s / step | × KD (best) | × KD (median of per-round ratios) | × KD (CPU time) | ops "
+                  "| ops incl. nested | syncs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         kd_rounds = next((r["rounds_s"] for r in run["rows"] if r["name"] == "kd"), None)
         for r in run["rows"]:
             xkd = f"{r['x_kd']:.2f}" if r.get("x_kd") is not None else "-"
             paired = (f"{statistics.median(a / b for a, b in zip(r['rounds_s'], kd_rounds, strict=True)):.2f}"
                       if kd_rounds else "-")
+            xcpu = f"{r['x_kd_cpu']:.2f}" if r.get("x_kd_cpu") is not None else "-"
             lines.append(f"| {r['name']} | {r['s_per_step_best']:.3f} ({r['s_per_step_median']:.3f}) | {xkd} | {paired} | "
-                         f"{r['ops_top']:,} | {r['ops_all']:,} | {r['syncs']} |")
+                         f"{xcpu} | {r['ops_top']:,} | {r['ops_all']:,} | {r['syncs']} |")
         lines.append("")
     lines.append(DOCS_END)
     return "\n".join(lines)
@@ -250,14 +266,16 @@ def main() -> None:
             torch.cuda.synchronize()
 
     times: dict[str, list[float]] = {n: [] for n in steps}
+    cpu_times: dict[str, list[float]] = {n: [] for n in steps}  # this process's CPU seconds: load-robust
     for _ in range(args.rounds):
         for name, fn in steps.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 fn()
             sync()
             times[name].append((time.perf_counter() - t0) / args.steps)
+            cpu_times[name].append((time.process_time() - c0) / args.steps)
     load_after = os.getloadavg()
 
     table = []
@@ -268,10 +286,14 @@ def main() -> None:
         row = {"name": name, **info[name], "s_per_step_best": round(best, 5),
                "s_per_step_median": round(statistics.median(ts), 5), "rounds_s": [round(t, 5) for t in ts]}
         row["x_kd"] = round(best / kd_best, 3) if kd_best else None
+        row["cpu_rounds_s"] = [round(t, 5) for t in cpu_times[name]]
+        row["x_kd_cpu"] = (round(statistics.median(a / b for a, b in zip(cpu_times[name], cpu_times["kd"],
+                                                                        strict=True)), 3)
+                           if "kd" in cpu_times else None)
         row["x_ce"] = round(best / ce_best, 3) if ce_best else None
         table.append(row)
         print(f"{name:12s} {best:.4f} s/step (median {statistics.median(ts):.4f})"
-              + (f"  x KD {row['x_kd']:.2f}" if kd_best else ""), flush=True)
+              + (f"  x KD {row['x_kd']:.2f} (CPU time {row['x_kd_cpu']:.2f})" if kd_best else ""), flush=True)
 
     result = {
         "benchmark": "step_cost",
@@ -283,11 +305,13 @@ def main() -> None:
             "device": args.device, "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "load_avg_before": [round(v, 2) for v in load_before],
             "load_avg_after": [round(v, 2) for v in load_after],
+            "malloc": malloc_setting(),
         },
         "settings": {
             "teacher": "resnet20", "student": "resnet8", "batch": args.batch, "precision": "bf16 autocast",
             "input": "3x32x32 synthetic N(0,1), 10 classes", "seed": args.seed, "rounds": args.rounds,
             "steps_per_round": args.steps, "warmup": args.warmup, "statistic": "best of rounds (median too)",
+            "cpu_time": "x_kd_cpu: median over rounds of this process's CPU seconds per step / KD's (time.process_time)",
             "dskd_options_from": str(RECIPE.relative_to(ROOT)), "sync_ops": list(SYNC_OPS),
         },
         "wall_s": round(time.perf_counter() - t_start, 1),

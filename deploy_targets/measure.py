@@ -185,7 +185,9 @@ def _check_input_fits(
     path: Path, fmt: str, eval_chw: tuple[int, ...] | None, input_shape: tuple[int, ...] | None
 ) -> None:
     """Refuse an ONNX file that is no model, or whose input does not fit the images, up front."""
-    if fmt not in ("onnx", "onnx-qdq"):
+    from export.formats import kind_spec
+
+    if kind_spec(fmt).runtime != "onnxruntime":
         return
     model_chw = onnx_input_chw(path)
     for given, what in ((eval_chw, "the eval set's images are"), (input_shape, "--input-shape is")):

@@ -1,7 +1,8 @@
 """Deployment targets as small declarative entries: what runs, in which precision, and where.
 
 Adding a target = adding one entry; the runner, the SSH path and the table read these
-fields and know nothing target-specific.
+fields and know nothing target-specific. A target names the export formats it ships; what
+they are (runtime, precision, artifact kind) comes from the format registry, export/formats.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dskd.errors import UserError
+from export.formats import FORMATS, FormatSpec
 
 from .errors import DeviceError
 from .remote.runner import RUNTIME_MODULES
@@ -27,9 +29,10 @@ JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 class Target:
     """One deployment target.
 
-    precisions are ordered by preference (the first is the default); `formats` maps each
-    precision to the artifact format it needs, `export_formats` to the `export` package's
-    format name that produces it; `accepts` lists every format the runtime can read.
+    `ships` names the export formats it ships (export/formats.py), in order of preference (the
+    first one's precision is the default); the runtime, the precisions and the artifact kinds
+    are derived from those entries. `also_reads` lists other runtimes whose artifacts its
+    runtime can read too (OpenVINO reads ONNX; a TensorRT target runs Torch-TensorRT programs).
     `threads` is the runtime's thread count for the latency numbers: the CPU targets on
     this machine (`cpu`, `intel-cpu`) use 1, because a development or CI machine is shared
     and one thread keeps a regression gate stable; `ssh-cpu` uses 0 = all physical cores of
@@ -38,21 +41,52 @@ class Target:
     latency only (one request, one stream, inputs bound once); "throughput" also reports
     images/s at the largest batch size with `streams` streams (0: the runtime's choice).
     Every measurement records the values used (Measurement.runtime_config).
+    Adding a target on an existing runtime = one entry in TARGETS
+    (tests/test_format_registry.py adds one).
     """
 
     name: str
-    runtime: str
-    precisions: tuple[str, ...]
-    formats: tuple[tuple[str, str], ...]
-    export_formats: tuple[tuple[str, str], ...]
-    accepts: tuple[str, ...]
+    ships: tuple[str, ...]
     reach: str
     threads: int | None
     description: str
+    also_reads: tuple[str, ...] = ()
     # None: no pinning, because core numbering (big/little, SMT siblings) is device-specific
     cpu_affinity: tuple[int, ...] | None = None
     hint: str = "latency"
     streams: int = 0
+
+    def _specs(self) -> list[FormatSpec]:
+        try:
+            return [FORMATS[n] for n in self.ships]
+        except KeyError as exc:
+            raise ValueError(f"target {self.name}: format {exc.args[0]!r} is not in export/formats.py") from None
+
+    @property
+    def runtime(self) -> str:
+        return self._specs()[0].runtime
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(s.precision for s in self._specs())
+
+    @property
+    def export_formats(self) -> tuple[tuple[str, str], ...]:
+        """(precision, export format name) pairs."""
+        return tuple((s.precision, s.name) for s in self._specs())
+
+    @property
+    def formats(self) -> tuple[tuple[str, str], ...]:
+        """(precision, artifact kind) pairs."""
+        return tuple((s.precision, s.kind) for s in self._specs())
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        """Every artifact kind its runtime reads: its own runtime's, then those of `also_reads`."""
+        runtimes = (self.runtime, *self.also_reads)
+        specs = sorted((s for s in FORMATS.values() if s.runtime in runtimes),
+                       key=lambda s: runtimes.index(s.runtime))
+        return tuple(dict.fromkeys(s.kind for s in specs))
 
     def artifact_format(self, precision: str) -> str:
         return dict(self.formats)[precision]
@@ -85,47 +119,40 @@ class Target:
         return local_availability(self)
 
 
-def _t(
-    name, runtime, precisions, formats, export_formats, accepts, reach, threads, description
-) -> Target:
-    return Target(
-        name,
-        runtime,
-        tuple(precisions),
-        tuple(formats.items()),
-        tuple(export_formats.items()),
-        tuple(accepts),
-        reach,
-        threads,
-        description,
-    )
+def register_target(target: Target, replace: bool = False) -> Target:
+    """Add a target (its formats must be registered, and share one runtime)."""
+    if target.name in TARGETS and not replace:
+        raise ValueError(f"target {target.name!r} is already registered")
+    runtimes = {s.runtime for s in target._specs()}
+    if len(runtimes) != 1 or len(set(target.precisions)) != len(target.ships):
+        raise ValueError(f"target {target.name!r}: its formats must share one runtime and differ in precision")
+    if target.runtime not in RUNTIME_MODULES:
+        raise ValueError(f"target {target.name!r}: runtime {target.runtime!r} has no runner backend")
+    TARGETS[target.name] = target
+    return target
 
 
-_ONNX_FORMATS = {"fp32": "onnx", "int8": "onnx-qdq"}
-_ORT_EXPORTS = {"fp32": "onnx", "int8": "onnx-int8"}
-_TRT_FORMATS = {"fp16": "trt-engine", "int8": "trt-engine"}
-_TRT_EXPORTS = {"fp16": "tensorrt-fp16", "int8": "tensorrt-int8"}
-# a Torch-TensorRT ExportedProgram (.ep) is measured through torch_tensorrt.load (runtime torch-tensorrt)
-_TRT_ACCEPTS = ("trt-engine", "torch-trt-ep")
+_TRT = ("tensorrt-fp16", "tensorrt-int8")
+TARGETS: dict[str, Target] = {}
+for _target in (
+    Target("cpu", ("onnx", "onnx-int8"), REACH_LOCAL, 1, "ONNX Runtime on this machine's CPU"),
+    Target("intel-cpu", ("openvino", "openvino-int8"), REACH_LOCAL, 1,
+           "OpenVINO CPU, FP32 as true f32 (no bf16), INT8 from NNCF", also_reads=("onnxruntime",)),
+    # a Torch-TensorRT ExportedProgram (.ep) is measured through torch_tensorrt.load (runtime torch-tensorrt)
+    Target("x86-gpu", _TRT, REACH_LOCAL, None, "TensorRT on a local NVIDIA GPU", also_reads=("torch-tensorrt",)),
+    Target("jetson-orin", _TRT, REACH_LOCAL_OR_SSH, None,
+           "TensorRT on a Jetson AGX Orin / Orin NX (engine built on the device)", also_reads=("torch-tensorrt",)),
+    Target("jetson-orin-nano", _TRT, REACH_LOCAL_OR_SSH, None,
+           "TensorRT on a Jetson Orin Nano (engine built on the device)", also_reads=("torch-tensorrt",)),
+    Target("ssh-cpu", ("onnx", "onnx-int8"), REACH_SSH, 0,
+           "ONNX Runtime on a remote Linux machine over SSH (all physical cores)"),
+):
+    register_target(_target)
 
-TARGETS: dict[str, Target] = {
-    t.name: t
-    for t in (
-        _t("cpu", "onnxruntime", ("fp32", "int8"), _ONNX_FORMATS, _ORT_EXPORTS, ("onnx", "onnx-qdq"),
-           REACH_LOCAL, 1, "ONNX Runtime on this machine's CPU"),
-        _t("intel-cpu", "openvino", ("fp32", "int8"), {"fp32": "openvino-ir", "int8": "openvino-ir"},
-           {"fp32": "openvino", "int8": "openvino-int8"}, ("openvino-ir", "onnx", "onnx-qdq"),
-           REACH_LOCAL, 1, "OpenVINO CPU, FP32 as true f32 (no bf16), INT8 from NNCF"),
-        _t("x86-gpu", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
-           REACH_LOCAL, None, "TensorRT on a local NVIDIA GPU"),
-        _t("jetson-orin", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
-           REACH_LOCAL_OR_SSH, None, "TensorRT on a Jetson AGX Orin / Orin NX (engine built on the device)"),
-        _t("jetson-orin-nano", "tensorrt", ("fp16", "int8"), _TRT_FORMATS, _TRT_EXPORTS, _TRT_ACCEPTS,
-           REACH_LOCAL_OR_SSH, None, "TensorRT on a Jetson Orin Nano (engine built on the device)"),
-        _t("ssh-cpu", "onnxruntime", ("fp32", "int8"), _ONNX_FORMATS, _ORT_EXPORTS, ("onnx", "onnx-qdq"),
-           REACH_SSH, 0, "ONNX Runtime on a remote Linux machine over SSH (all physical cores)"),
-    )
-}  # fmt: skip
+
+def unregister_target(name: str) -> None:
+    """Remove a registered target (a test's toy target, when the test ends)."""
+    TARGETS.pop(name, None)
 
 
 def list_targets() -> list[Target]:

@@ -32,6 +32,9 @@ def runner_args(
     hint: str = "latency",
     streams: int = 0,
     image_path: str | None = None,
+    pair_with: str | None = None,
+    pair_rounds: int = 0,
+    pair_start: int = 0,
 ) -> list[str]:
     """The runner's command-line arguments (after `python runner.py`)."""
     args = [
@@ -53,6 +56,9 @@ def runner_args(
         args += ["--cpu-affinity", ",".join(map(str, cpu_affinity))]
     if image_path:
         args += ["--image", image_path]
+    if pair_with:
+        args += ["--pair-with", pair_with, "--pair-rounds", str(int(pair_rounds)),
+                 "--pair-start", str(int(pair_start))]
     return args
 
 

@@ -91,7 +91,8 @@ class TrainConfig:
     seed: int = setting(0, doc="seed for initialisation, shuffling and augmentation.", ge=0, recipe=True)
     precision: str = setting("fp32", doc="fp32, bf16 (CPU/CUDA autocast) or fp16 (CUDA, with a grad scaler).",
                              choices=PRECISIONS, recipe=True)
-    method: str = setting("ce", doc="ce, kd, dkd, fitnet, lshfm, diffkd or dskd.", recipe=True)
+    method: str = setting("ce", doc="a method registered in dskd.methods (ce: plain training, no teacher); "
+                         "an unknown name is refused with the list.", recipe=True)
     teacher: str | None = setting(None, doc="a teacher model.pt (or its folder) written by `pipeline train`; "
                                   "needed unless --method ce.")
     options: dict[str, Any] = setting(doc="method options (`--set`).", factory=dict, recipe=True, cli=False)

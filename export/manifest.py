@@ -77,17 +77,6 @@ def file_record(root: str | os.PathLike, path: str | os.PathLike) -> FileRecord:
     return FileRecord(path.relative_to(root).as_posix(), file_sha256(path), path.stat().st_size)
 
 
-def artifact_files(root: str | os.PathLike, main: str | os.PathLike) -> list[FileRecord]:
-    """The main file plus its companions (OpenVINO's .bin beside the .xml)."""
-    main = Path(main)
-    paths = [main]
-    if main.suffix == ".xml":
-        paths.append(main.with_suffix(".bin"))
-    if main.suffix == ".engine":  # TensorRT version and GPU it was built for
-        paths.append(Path(str(main) + ".json"))
-    return [file_record(root, p) for p in paths if p.exists()]
-
-
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     """Write `manifest.json` atomically (readers see the old one or the whole new one)."""
     path = Path(out_dir) / MANIFEST_NAME

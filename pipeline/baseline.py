@@ -7,6 +7,8 @@ reads as "a gate failed"), and `{"hello": 1}` passed silently.
 
 Only what a reader of the report relies on is checked: the fields the gates, the baseline
 re-measurement and the printed tables read, with their types; fields may be added freely.
+Each artifact row is then read as the typed record the gates and pages use
+(pipeline.artifact_result), so a wrong type in any of its fields is named here too.
 """
 
 from __future__ import annotations
@@ -153,4 +155,8 @@ def load_report(path: str | None, flag: str = "--baseline") -> tuple[dict[str, A
     if report["schema_version"] != SCHEMA_VERSION:
         raise UserError(f"{prefix}{p}: report schema_version {report['schema_version']} is not "
                         f"{SCHEMA_VERSION}; re-run `pipeline run` with this version to make a new one")
+    from pipeline.artifact_result import as_results
+
+    # every artifact row as the gates and pages will read it (all its fields' types), named here
+    as_results(report["artifacts"], f"{prefix}{p}: not a valid report")
     return report, p.parent

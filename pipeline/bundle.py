@@ -7,6 +7,8 @@ shipped artifact under a distinct name (OpenVINO: `model.<precision>.xml` + `.bi
 and, once built on a device, `model.<precision>.engine` + its `.json`), `infer.py` (pipeline/bundle_infer.py, one script
 for every runtime), `README.txt` and `manifest.json` (sha256 and size of every other file,
 labels, preprocessing, the artifacts with their measured accuracy, gates, tool versions).
+Which files make up each artifact, and their names here, come from the format's entry in the
+registry (export/formats.py): exactly its declared files are copied, and a missing one stops the bundle.
 Verification lives in pipeline.bundle_verify and is re-exported here.
 """
 
@@ -19,11 +21,15 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dskd import atomic
 from dskd.checkpoint import file_sha256
+from dskd.errors import UserError
 from pipeline.bundle_verify import BUNDLE_FORMAT, MANIFEST, verify_bundle
+
+if TYPE_CHECKING:
+    from export.formats import FormatSpec
 
 __all__ = ["BUNDLE_FORMAT", "MANIFEST", "README", "INFER", "write_bundle", "verify_bundle"]
 
@@ -47,23 +53,36 @@ class _Layout:
         return name
 
 
-def bundle_name(fmt: str, runtime: str, precision: str, main: Path) -> str:
-    """Distinct flat names: every OpenVINO IR is `model.xml` in its own export folder."""
-    if runtime == "openvino":
-        return f"model.{precision}.xml"
-    return main.name
+def _spec(fmt: str) -> FormatSpec:
+    """The format's registry entry (export/formats.py): its declared files and bundle naming."""
+    from export.formats import FORMATS
+
+    spec = FORMATS.get(fmt)
+    if spec is None or spec.bundle is None:
+        raise RuntimeError(f"bundle: format {fmt!r} is not a bundled format of export/formats.py")
+    return spec
 
 
-def _companions(main: Path) -> list[tuple[str, Path]]:
-    """(suffix to add to the bundle stem, file) of what must travel with a main file."""
-    from export.manifest import artifact_files
+def bundle_name(fmt: str, precision: str, main: Path | None) -> str:
+    """Distinct flat names, from the format's bundle entry: every OpenVINO IR is `model.xml` in
+    its own export folder, so the registry names it model.<precision>.xml here."""
+    return _spec(fmt).bundle.file_name(precision, None if main is None else main.name)
 
-    root = main.parent
-    out = []
-    for rec in artifact_files(root, main)[1:]:
-        p = root / rec.path
-        out.append((p.name[len(main.stem):], p))
-    return out
+
+def _artifact_files(layout: _Layout, fmt: str, precision: str, main: Path) -> list[str]:
+    """Exactly the declared files of the artifact (main file + companions), under bundle names.
+    A declared file missing beside the main file stops the bundle: an IR without its .bin
+    would ship and fail only on the device."""
+    spec = _spec(fmt)
+    name = bundle_name(fmt, precision, main)
+    names = [layout.add(name, main)]
+    for c in spec.companions:
+        src = main.with_name(c.name_for(main.name))
+        if not src.is_file():
+            raise UserError(f"bundle: {fmt} artifact {main} has no {src.name} beside it "
+                            f"({c.what}, declared in export/formats.py): re-run with `--force export`")
+        names.append(layout.add(c.name_for(name), src))
+    return names
 
 
 def _script_inputs(script: Path) -> list[str]:
@@ -127,17 +146,10 @@ def _plan(artifacts: list[dict[str, Any]], run_dir: Path,
             entry["build"] = _build_entry(layout, script, kit, a["precision"], chw)
         if a.get("path"):
             main = run_dir / a["path"]
-            name = bundle_name(a["format"], a["runtime"], a["precision"], main)
-            stem = name[: -len(main.suffix)] if main.suffix else name
-            files = [layout.add(name, main)] + [layout.add(stem + suffix, p) for suffix, p in _companions(main)]
-            info = (a.get("engine_build") or {}).get("info")
-            if info and (run_dir / info).exists():
-                files.append(layout.add(name + ".json", run_dir / info))
-            entry.update(path=name, files=sorted(set(files)), sha256=file_sha256(main))
-        elif script is not None:
-            from deploy_targets.engine_build import engine_file
-
-            entry.update(path=engine_file(a["precision"]), files=[])
+            files = _artifact_files(layout, a["format"], a["precision"], main)
+            entry.update(path=files[0], files=sorted(set(files)), sha256=file_sha256(main))
+        elif script is not None and _spec(a["format"]).bundle.built_on_device:
+            entry.update(path=bundle_name(a["format"], a["precision"], None), files=[])
         else:
             continue  # neither built nor buildable: nothing of it can ship
         entries.append(entry)

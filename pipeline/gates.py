@@ -15,13 +15,19 @@ measured, the accuracy gates still apply to the artifacts measured on this machi
 (e.g. the Q/DQ INT8 ONNX beside a TensorRT target), so `--allow-unmeasured` waives the
 device numbers, never the accuracy check. An artifact that failed its export parity check
 is rejected: it gets one FAIL row of the `parity` gate (a finding about the model, exit 1).
+
+The gates read typed records (pipeline.artifact_result.ArtifactResult): the deploy stage's
+results in `pipeline run`, or report.json rows read as records (`pipeline gate`, a
+`--baseline`, reports built by hand), with the same type checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.artifact_result import ArtifactResult, BaselineComparison, as_results
 from pipeline.recipe import GateConfig
 
 # Part of the gate stage's cache key: bump when the rows a report gets change meaning.
@@ -55,47 +61,41 @@ class GateResult:
         return asdict(self)
 
 
-def artifact_label(a: dict[str, Any]) -> str:
-    return f"{a['runtime']}/{a['precision']}"
+def artifact_label(a: ArtifactResult | Mapping[str, Any]) -> str:
+    """`runtime/precision` of a record or of a report row."""
+    return a.label if isinstance(a, ArtifactResult) else f"{a['runtime']}/{a['precision']}"
 
 
-def _key(a: dict[str, Any]) -> tuple[str, str, str]:
-    return a["format"], a["precision"], a["runtime"]
-
-
-def _unmeasured(name: str, a: dict[str, Any], metric: str, threshold: float, allow: bool) -> GateResult:
+def _unmeasured(name: str, a: ArtifactResult, metric: str, threshold: float, allow: bool) -> GateResult:
     # The reason is in the report's single not-measured note, not repeated on every row.
     note = "not measured (allowed)" if allow else "not measured"
-    return GateResult(name, artifact_label(a), metric, None, threshold, allow, note, NOT_MEASURED)
+    return GateResult(name, a.label, metric, None, threshold, allow, note, NOT_MEASURED)
 
 
-def _parity_row(a: dict[str, Any]) -> GateResult | None:
+def _parity_row(a: ArtifactResult) -> GateResult | None:
     """The export-time parity check as a gate row: FAIL for a rejected artifact, PASS for a
     shipped one whose check passed; None when the report has no parity record."""
-    parity = a.get("parity") or {}
-    agreement = parity.get("top1_agreement")
-    value = round(100.0 * agreement, 4) if agreement is not None else None
-    tol = (parity.get("tolerance") or {}).get("min_top1_agreement")
-    threshold = round(100.0 * tol, 4) if tol is not None else None
-    if a.get("rejected"):
-        why = a.get("rejected_reason") or parity.get("failure") or "parity check failed"
-        return GateResult("parity", artifact_label(a), "parity_agreement", value, threshold, False,
-                          f"rejected: {why}")
-    if parity.get("passed") is True and a.get("shipped", True):
-        return GateResult("parity", artifact_label(a), "parity_agreement", value, threshold, True,
+    parity = a.parity or {}
+    value, threshold = a.parity_agreement_pct, a.parity_threshold_pct
+    if a.rejected:
+        why = a.rejected_reason or parity.get("failure") or "parity check failed"
+        return GateResult("parity", a.label, "parity_agreement", value, threshold, False, f"rejected: {why}")
+    if parity.get("passed") is True and a.shipped:
+        return GateResult("parity", a.label, "parity_agreement", value, threshold, True,
                           f"export check vs PyTorch on {parity.get('images', '?')} images")
     return None
 
 
 def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str, Any] | None = None,
                    allow_unmeasured: bool = False) -> list[GateResult]:
+    """Every gate row of `report` (its `artifacts`: ArtifactResult records or report rows)."""
     results: list[GateResult] = []
     pct = gates.latency_percentile
-    artifacts = report.get("artifacts", [])
-    shipped = [a for a in artifacts if a.get("shipped", True) and not a.get("rejected")]
-    base_by_key = {_key(a): a for a in (baseline or {}).get("artifacts", [])}
+    artifacts = as_results(report.get("artifacts"))
+    shipped = [a for a in artifacts if a.shipped and not a.rejected]
+    base_by_key = {a.key: a for a in as_results((baseline or {}).get("artifacts"), "baseline report")}
 
-    if not shipped and not any(a.get("rejected") for a in artifacts):
+    if not shipped and not any(a.rejected for a in artifacts):
         results.append(GateResult("has_artifact", (report.get("target") or {}).get("name", "?"), "artifacts", 0, 1,
                                   False, "no artifact was built for the target"))
     for a in artifacts:
@@ -103,8 +103,8 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         if row is not None:
             results.append(row)
     for a in shipped:
-        label = artifact_label(a)
-        lat = (a.get("latency_ms") or {}).get(pct)
+        label = a.label
+        lat = a.latency(pct)
         results += _accuracy_rows(a, report, gates, baseline, base_by_key, allow_unmeasured)
         if gates.max_latency_ms is not None:
             if lat is None:
@@ -112,14 +112,14 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
             else:
                 results.append(GateResult("max_latency_ms", label, f"latency_{pct}_ms", lat, gates.max_latency_ms,
                                           lat <= gates.max_latency_ms))
-        if gates.max_size_mb is not None and a.get("size_bytes") is not None:
-            mb = a["size_bytes"] / 1e6
+        if gates.max_size_mb is not None and a.size_bytes is not None:
+            mb = a.size_bytes / 1e6
             results.append(GateResult("max_size_mb", label, "size_mb", round(mb, 4), gates.max_size_mb, mb <= gates.max_size_mb))
         paired = paired_latency_row(a, gates) if baseline is not None else None
         if paired is not None:
             results.append(paired)
         elif baseline is not None and gates.max_latency_regression is not None:
-            ratio, note = _latency_ratio(a, base_by_key.get(_key(a)), pct)
+            ratio, note = _latency_ratio(a, base_by_key.get(a.key), pct)
             if ratio is None:
                 if lat is None:
                     results.append(_unmeasured("max_latency_regression", a, "latency_ratio",
@@ -131,10 +131,10 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
                 limit = 1.0 + gates.max_latency_regression
                 results.append(GateResult("max_latency_regression", label, "latency_ratio", round(ratio, 4),
                                           round(limit, 4), ratio <= limit, note))
-    if any(not a.get("measured", True) for a in shipped):
+    if any(not a.measured for a in shipped):
         # The target was not (fully) measured: what this machine's CPU measured still has to be accurate.
         for a in artifacts:
-            if not a.get("shipped", True) and not a.get("rejected") and a.get("top1") is not None:
+            if not a.shipped and not a.rejected and a.top1 is not None:
                 rows = _accuracy_rows(a, report, gates, baseline, base_by_key, allow_unmeasured)
                 for r in rows:
                     r.note = f"{r.note}; {CPU_REFERENCE_NOTE}" if r.note else CPU_REFERENCE_NOTE
@@ -152,21 +152,30 @@ STOPPED = {"decided": "decided", "budget": "time budget spent (gates.regression_
            "max_rounds": "round limit reached", "rounds": "no tolerance to decide against"}
 
 
-def paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | None:
+def paired_latency_row(a: ArtifactResult | Mapping[str, Any], gates: GateConfig) -> GateResult | None:
     """max_latency_regression judged on the interleaved rounds (median ratio and its interval);
-    None when the report has no per-round record (then the two reports' numbers are used)."""
+    None when the report has no per-round record (then the two reports' numbers are used).
+
+    `a` is a record, or a mapping with `runtime`, `precision` and `baseline_comparison` (what
+    bench/latency_gate_power.py passes: the rule alone, on rounds it measured itself).
+    """
     from pipeline import regression_stats as rs
 
-    inter = a.get("baseline_comparison") or {}
-    cand, base = inter.get("candidate_p50_ms"), inter.get("baseline_p50_ms")
+    if isinstance(a, ArtifactResult):
+        label, inter = a.label, a.baseline_comparison or BaselineComparison()
+    else:
+        comparison = a.get("baseline_comparison")
+        label = artifact_label(a)
+        inter = BaselineComparison.from_rounds(comparison) if comparison else BaselineComparison()
+    cand, base = inter.candidate_p50_ms, inter.baseline_p50_ms
     if gates.max_latency_regression is None or not cand or not base or len(cand) != len(base):
         return None
-    kept = inter.get("kept")
-    keep = kept if isinstance(kept, list) and len(kept) == len(cand) else None
+    kept = inter.kept
+    keep = kept if kept is not None and len(kept) == len(cand) else None
     policy = getattr(gates, "regression_inconclusive", "fail")
     limit = round(1.0 + gates.max_latency_regression, 4)
     if keep is not None and not any(keep):
-        return GateResult("max_latency_regression", artifact_label(a), "latency_ratio", None, limit, policy == "pass",
+        return GateResult("max_latency_regression", label, "latency_ratio", None, limit, policy == "pass",
                           f"every one of {len(cand)} interleaved rounds was CPU-contended: no evidence either way; "
                           f"counted as {policy} (gates.regression_inconclusive)", INCONCLUSIVE)
     try:
@@ -179,19 +188,19 @@ def paired_latency_row(a: dict[str, Any], gates: GateConfig) -> GateResult | Non
     note = (f"median of {d.samples} interleaved rounds {d.estimate:.3f}, {100 * d.coverage:.1f} % interval "
             f"[{d.low:.3f}, {d.high:.3f}] vs limit {d.limit:.3f}"
             + (f"; {dropped} contended round(s) not used" if dropped else "")
-            + (f"; rounds stopped: {STOPPED.get(str(inter['stopped']), str(inter['stopped']))}" if inter.get("stopped") else "")
+            + (f"; rounds stopped: {STOPPED.get(inter.stopped, inter.stopped)}" if inter.stopped else "")
             + (f"; inconclusive, counted as {'pass' if passed else 'fail'} (gates.regression_inconclusive)"
                if status == INCONCLUSIVE else ""))
-    return GateResult("max_latency_regression", artifact_label(a), "latency_ratio", round(d.estimate, 4),
+    return GateResult("max_latency_regression", label, "latency_ratio", round(d.estimate, 4),
                       round(d.limit, 4), passed, note, status, d.to_dict())
 
 
-def _accuracy_rows(a: dict[str, Any], report: dict[str, Any], gates: GateConfig, baseline: dict[str, Any] | None,
-                   base_by_key: dict[tuple[str, str, str], dict[str, Any]], allow: bool) -> list[GateResult]:
+def _accuracy_rows(a: ArtifactResult, report: dict[str, Any], gates: GateConfig, baseline: dict[str, Any] | None,
+                   base_by_key: dict[tuple[str, str, str], ArtifactResult], allow: bool) -> list[GateResult]:
     """min_top1, max_top1_drop and (with a baseline) max_top1_regression for one artifact."""
     out: list[GateResult] = []
-    label = artifact_label(a)
-    top1 = a.get("top1")
+    label = a.label
+    top1 = a.top1
     student_top1 = (report.get("student") or {}).get("top1")
     if gates.min_top1 is not None:
         if top1 is None:
@@ -206,8 +215,8 @@ def _accuracy_rows(a: dict[str, Any], report: dict[str, Any], gates: GateConfig,
             out.append(GateResult("max_top1_drop", label, "top1_drop", drop, gates.max_top1_drop,
                                   drop <= gates.max_top1_drop, f"vs PyTorch student {student_top1:.2f}"))
     if baseline is not None and gates.max_top1_regression is not None:
-        base = base_by_key.get(_key(a))
-        if base is None or base.get("top1") is None:
+        base = base_by_key.get(a.key)
+        if base is None or base.top1 is None:
             out.append(GateResult("max_top1_regression", label, "top1_regression", None,
                                   gates.max_top1_regression, False, "baseline has no such artifact"))
         elif top1 is None:
@@ -217,32 +226,33 @@ def _accuracy_rows(a: dict[str, Any], report: dict[str, Any], gates: GateConfig,
     return out
 
 
-def _top1_regression_row(a: dict[str, Any], base: dict[str, Any], gates: GateConfig) -> GateResult:
+def _top1_regression_row(a: ArtifactResult, base: ArtifactResult, gates: GateConfig) -> GateResult:
     """max_top1_regression: McNemar's pairing when both reports say which test images each
     artifact got right (same test set), else the plain difference of the two top-1s, with why."""
     from pipeline import regression_stats as rs
     from pipeline.per_image import read_record
 
-    label, tol = artifact_label(a), gates.max_top1_regression
-    reg = round(base["top1"] - a["top1"], 4)
-    mine, why_mine = read_record(a.get("per_image"), a["top1"])
-    theirs, why_base = read_record(base.get("per_image"), base["top1"])
+    assert a.top1 is not None and base.top1 is not None  # _accuracy_rows gives NOT MEASURED rows otherwise
+    label, tol = a.label, gates.max_top1_regression
+    reg = round(base.top1 - a.top1, 4)
+    mine, why_mine = read_record(a.per_image, a.top1)
+    theirs, why_base = read_record(base.per_image, base.top1)
     why = ""
     if theirs is None:
-        why = f"baseline: {why_base}" + (" (an older report?)" if base.get("per_image") is None else "")
+        why = f"baseline: {why_base}" + (" (an older report?)" if base.per_image is None else "")
     elif mine is None:
-        why = f"this run: {a.get('per_image_note') or why_mine}"
-    elif (a["per_image"].get("test_set_sha256") != base["per_image"].get("test_set_sha256")
+        why = f"this run: {a.per_image_note or why_mine}"
+    elif ((a.per_image or {}).get("test_set_sha256") != (base.per_image or {}).get("test_set_sha256")
           or len(mine) != len(theirs)):
         why = "the baseline was measured on another test set"
     if why:
         return GateResult("max_top1_regression", label, "top1_regression", reg, tol, reg <= tol,
-                          f"baseline {base['top1']:.2f}; plain threshold, not paired: {why}")
+                          f"baseline {base.top1:.2f}; plain threshold, not paired: {why}")
     d = rs.paired_top1_decision(theirs, mine, tol)
     status = {rs.PASS: PASS, rs.FAIL: FAIL}.get(d.verdict, INCONCLUSIVE)
     policy = getattr(gates, "regression_inconclusive", "fail")
     passed = status == PASS or (status == INCONCLUSIVE and policy == "pass")
-    note = (f"baseline {base['top1']:.2f}; paired on {d.samples} images, drop {d.estimate:.3g} points, "
+    note = (f"baseline {base.top1:.2f}; paired on {d.samples} images, drop {d.estimate:.3g} points, "
             f"{100 * d.coverage:.0f} % interval [{d.low:.3g}, {d.high:.3g}] ({d.method})"
             + (f"; inconclusive, counted as {'pass' if passed else 'fail'} (gates.regression_inconclusive)"
                if status == INCONCLUSIVE else ""))
@@ -253,34 +263,34 @@ def _top1_regression_row(a: dict[str, Any], base: dict[str, Any], gates: GateCon
 def not_measured_summary(report: dict[str, Any], allow_unmeasured: bool) -> dict[str, Any] | None:
     """One note for the whole report: which shipped artifacts were not measured, why, what that
     did to the verdict, and both ways out. None when everything shipped was measured."""
-    missing = [a for a in report.get("artifacts", [])
-               if a.get("shipped", True) and not a.get("rejected") and not a.get("measured", True)]
+    missing = [a for a in as_results(report.get("artifacts")) if a.shipped and not a.rejected and not a.measured]
     if not missing:
         return None
     target = (report.get("target") or {}).get("name", "the target")
     by_reason: dict[str, list[str]] = {}
     for a in missing:
-        reason = a.get("not_measured_reason") or (report.get("target") or {}).get("reason") or "no reason recorded"
-        by_reason.setdefault(reason, []).append(artifact_label(a))
+        reason = a.not_measured_reason or (report.get("target") or {}).get("reason") or "no reason recorded"
+        by_reason.setdefault(reason, []).append(a.label)
     why = "; ".join(f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items())
     effect = ("their gates are NOT MEASURED and allowed (--allow-unmeasured), so they do not fail the run"
               if allow_unmeasured else "their gates are NOT MEASURED and fail the run")
     note = (f"NOT MEASURED on {target}: {why}. {effect}. To measure them, run with the device reachable "
             f"(--device user@host); to accept unmeasured results, pass --allow-unmeasured "
             f"(recipe: target.allow_unmeasured = true).")
-    return {"artifacts": [artifact_label(a) for a in missing],
-            "reasons": {artifact_label(a): a.get("not_measured_reason") for a in missing},
+    return {"artifacts": [a.label for a in missing],
+            "reasons": {a.label: a.not_measured_reason for a in missing},
             "allowed": bool(allow_unmeasured), "note": note}
 
 
-def _latency_ratio(a: dict[str, Any], base: dict[str, Any] | None, pct: str) -> tuple[float | None, str]:
-    inter = a.get("baseline_comparison")
-    if inter and inter.get("ratio") is not None:
-        return float(inter["ratio"]), f"interleaved A/B in one job ({inter.get('rounds', '?')} rounds)"
+def _latency_ratio(a: ArtifactResult, base: ArtifactResult | None, pct: str) -> tuple[float | None, str]:
+    inter = a.baseline_comparison
+    if inter is not None and inter.ratio is not None:
+        rounds = "?" if inter.rounds is None else inter.rounds
+        return float(inter.ratio), f"interleaved A/B in one job ({rounds} rounds)"
     if base is None:
         return None, "baseline has no such artifact"
-    cand = (a.get("latency_ms") or {}).get(pct)
-    ref = (base.get("latency_ms") or {}).get(pct)
+    cand = a.latency(pct)
+    ref = base.latency(pct)
     if cand is None or ref is None or ref <= 0:
         return None, "baseline or candidate latency not measured"
     return cand / ref, "from the two reports' numbers (not interleaved: different runs may differ by machine noise)"

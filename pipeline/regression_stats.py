@@ -207,24 +207,61 @@ CANDIDATE, BASELINE = "candidate", "baseline"
 DEFAULT_MAX_ROUNDS = 40
 
 
+RoundsFn = Callable[[int, int], list[dict[str, Any]]]
+PAIR_CHUNK = 6  # rounds per runner run in paired mode: the first chunk already gives a 95 % interval
+PAIR_MAX_ROUNDS = 200
+
+
 def interleaved_rounds(measure: Callable[[str], tuple[Any, ...]], tolerance: float | None,
                        budget_s: float, min_rounds: int | None = None, max_rounds: int = DEFAULT_MAX_ROUNDS,
                        confidence: float = DEFAULT_CONFIDENCE,
                        clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """Measure baseline and candidate alternately until the paired rule decides or time runs out.
+    """Measure baseline and candidate alternately, one side per call, until the rule decides.
 
     `measure(side)` times one side ("candidate" or "baseline") once and returns (p50 ms,
     contended) or (p50 ms, contended, details); details (e.g. the runner's CPU share) are kept
     per round in `sides`, so the rounds can be re-examined later. The order alternates every
     round (C B, B C, C B ...) so a drift within a round, or a first-run effect, cannot favour
-    one side. At least `min_rounds` usable rounds
-    are sought (default: the fewest that give a `confidence` interval); after that a round is
-    added only while the verdict against `tolerance` is INCONCLUSIVE, and none once `budget_s`
-    seconds of measuring are spent or `max_rounds` rounds were measured. A contended round is
-    recorded with kept=False and does not count: another is measured instead, within the same
-    budget. With details from the runner that is `paired_usable`'s judgement of the two sides,
-    else the runner's own flag on either side. With `tolerance` None there is nothing to
-    decide and the first `min_rounds` usable rounds end it.
+    one side. This is the form for device targets (one runner run per side); local targets
+    time whole rounds in one runner process (`paired_rounds`). Stopping: see `_sequential`.
+    """
+    def one_round(count: int, start: int) -> list[dict[str, Any]]:
+        order = (CANDIDATE, BASELINE) if start % 2 == 0 else (BASELINE, CANDIDATE)
+        record: dict[str, Any] = {"index": start, "first": order[0]}
+        for side in order:
+            p50, busy, *more = measure(side)
+            record[side] = dict(more[0] if more else {}, p50_ms=float(p50), contended=bool(busy),
+                                **({} if more else {"_no_details": True}))
+        return [record]
+
+    return _sequential(one_round, 1, tolerance, budget_s, min_rounds, max_rounds, confidence, clock)
+
+
+def paired_rounds(rounds_fn: RoundsFn, tolerance: float | None, budget_s: float,
+                  min_rounds: int | None = None, max_rounds: int = PAIR_MAX_ROUNDS,
+                  confidence: float = DEFAULT_CONFIDENCE, chunk: int = PAIR_CHUNK,
+                  clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """The same sequential rule on rounds timed `chunk` at a time in one process.
+
+    `rounds_fn(count, start)` returns `count` rounds numbered from `start` in the runner's
+    pairing format ({"first", "candidate": {p50_ms, contended, cpu_share, others_cpu, ...},
+    "baseline": {...}}; deploy_targets.measure_pair). One runner run per chunk instead of one
+    per side: many more rounds fit the budget, so the interval narrows to what the noise allows.
+    """
+    return _sequential(rounds_fn, max(1, chunk), tolerance, budget_s, min_rounds, max_rounds, confidence, clock)
+
+
+def _sequential(next_rounds: RoundsFn, chunk: int, tolerance: float | None, budget_s: float,
+                min_rounds: int | None, max_rounds: int, confidence: float,
+                clock: Callable[[], float]) -> dict[str, Any]:
+    """At least `min_rounds` usable rounds are sought (default: the fewest that give a
+    `confidence` interval); after that rounds are added only while the verdict against
+    `tolerance` is INCONCLUSIVE, and none once `budget_s` seconds of measuring are spent or
+    `max_rounds` rounds were measured. A contended round is recorded with kept=False and does
+    not count: another is measured instead, within the same budget. With details from the
+    runner that is `paired_usable`'s judgement of the two sides, else the runner's own flag on
+    either side. With `tolerance` None there is nothing to decide and the first `min_rounds`
+    usable rounds end it.
 
     Repeated looks at the interval raise its error rates a little above the one-look 2.5 % per
     side; bench/latency_gate_power.py measures the resulting rates on real runs.
@@ -238,22 +275,19 @@ def interleaved_rounds(measure: Callable[[str], tuple[Any, ...]], tolerance: flo
     sides: list[dict[str, Any]] = []
     stopped = ""
     while not stopped:
-        order = (CANDIDATE, BASELINE) if len(kept) % 2 == 0 else (BASELINE, CANDIDATE)
-        got: dict[str, float] = {}
-        info: dict[str, Any] = {}
-        contended = False
-        for side in order:
-            p50, busy, *more = measure(side)
-            got[side] = float(p50)
-            contended |= bool(busy)
-            if more:
-                info[side] = dict(more[0], contended=bool(busy))
-        if info:
-            sides.append(info)
-        cand.append(got[CANDIDATE])
-        base.append(got[BASELINE])
-        kept.append(paired_usable(info[CANDIDATE], info[BASELINE]) if len(info) == 2 else not contended)
-        first.append(order[0])
+        count = min(chunk, max_rounds - len(kept))
+        if chunk > 1 and sum(kept) < need:  # first chunks: at least what the interval needs
+            count = min(max(count, need - sum(kept)), max_rounds - len(kept))
+        for rec in next_rounds(count, len(kept)):
+            c, b = rec[CANDIDATE], rec[BASELINE]
+            cand.append(float(c["p50_ms"]))
+            base.append(float(b["p50_ms"]))
+            first.append(rec["first"])
+            detailed = not (c.get("_no_details") or b.get("_no_details"))
+            if detailed:
+                sides.append({side: {k: v for k, v in rec[side].items() if k != "p50_ms"}
+                              for side in (rec["first"], BASELINE if rec["first"] == CANDIDATE else CANDIDATE)})
+            kept.append(paired_usable(c, b) if detailed else not (c.get("contended") or b.get("contended")))
         usable = sum(kept)
         if usable >= need:
             if tolerance is None:
@@ -327,16 +361,17 @@ def side_details(m: Any) -> dict[str, Any]:
 
 
 ROUND_MAX_ITERS = 100
-ROUND_MAX_SECONDS = 1.0
+ROUND_MAX_SECONDS = 0.5
 
 
 def round_protocol(min_iters: int, min_seconds: float) -> dict[str, Any]:
-    """The timing of one side of an A/B round: the recipe's, capped at 100 calls and 1 s.
+    """The timing of one side of an A/B round: the recipe's, capped at 100 calls and 0.5 s.
 
     The paired interval narrows with the number of rounds, and a round's ratio varies with the
     machine's state far more than with the sampling error of a p50 over 100 calls, so within
-    a time budget many short rounds decide sooner than a few long ones: with the default 2 s
-    protocol a 60 s budget holds only about 6-8 rounds, where the 95 % interval is still the
-    whole min..max range (it first drops an extreme at 9 rounds). The recipe's warm-up is kept.
+    a time budget many short rounds decide sooner than a few long ones: with a fresh runner per
+    side and the default 2 s protocol a 60 s budget held only about 6 rounds, where the 95 %
+    interval is the whole min..max range (it first drops an extreme at 9 rounds). The recipe's
+    warm-up is kept (paired rounds in one process warm once, then a tenth of it per side).
     """
     return {"min_iters": min(int(min_iters), ROUND_MAX_ITERS), "min_seconds": min(float(min_seconds), ROUND_MAX_SECONDS)}

@@ -157,7 +157,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         lines += ["", "## Measurement environment", "", env_heading(report), ""]
         lines += _md_table(["measured on", ""], [[k, val] for k, val in env]) if env else []
         lines += ["", *_md_table(["exported with", "version"], [[k, val] for k, val in tools])] if tools else []
-    warn = [(rv.label(a), w) for a in report.get("artifacts") or [] for w in (a.get("warnings") or [])]
+    warn = [(v.label, w) for v in rv.artifact_views(report) for w in v.warnings]
     if warn:
         lines += ["", "Measurement warnings:", ""] + [f"- {n}: {w}" for n, w in warn]
     return "\n".join(lines) + "\n"

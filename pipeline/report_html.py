@@ -147,7 +147,6 @@ def _artifacts(report: dict[str, Any]) -> str:
             + "".join(f"<th>{esc(c)}</th>" for c in (*rv.CONFIG_COLUMNS, *(["images/s"] if tput else [])))
             + "<th>size</th><th>measured on</th><th>gates</th></tr>")
     rows = []
-    agreement = {rv.label(a): a.get("agreement") for a in report.get("artifacts") or []}
     for v in views:
         lat = "".join(_cell(num(v.latency[p], 3), v.cells.get("latency", []) if p == pct else [])
                       for p in rv.PERCENTILES)
@@ -161,7 +160,7 @@ def _artifacts(report: dict[str, Any]) -> str:
         gate_cell = badge(word) if word in (rv.PASS, rv.FAIL, rv.NOT_MEASURED) else f"<span class='muted'>{esc(word)}</span>"
         rows.append(f"<tr><td><strong>{esc(v.label)}</strong><br><code>{esc(v.format)}</code></td>"
                     + _cell(num(v.top1), v.cells.get("top1", []))
-                    + f"<td class='num'>{esc(num(agreement.get(v.label)))}</td>" + lat
+                    + f"<td class='num'>{esc(num(v.agreement))}</td>" + lat
                     + _cell(f"{v.size_mb:.3f} MB" if v.size_mb is not None else "—", v.cells.get("size", []))
                     + f"<td>{where}</td><td>{gate_cell}</td></tr>")
     return (f"<h2 id='artifacts'>Artifacts</h2><p class='muted'>Latency is per batch-1 call, inference only "
@@ -252,7 +251,7 @@ def env_heading(report: dict[str, Any]) -> str:
 
 def _environment(report: dict[str, Any]) -> str:
     rows, tools = env_rows(report), tool_rows(report)
-    warn = [(rv.label(a), w) for a in report.get("artifacts") or [] for w in (a.get("warnings") or [])]
+    warn = [(v.label, w) for v in rv.artifact_views(report) for w in v.warnings]
 
     def kv(title: str, items: list[tuple[str, str]]) -> str:
         return (f"<table><tr><th colspan='2'>{esc(title)}</th></tr>"

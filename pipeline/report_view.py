@@ -3,13 +3,18 @@
 Why a separate module: the Markdown (PR comments, CI job summaries) and the HTML page must say the
 same things — verdict, what shipped, per-cell gate results, where each number was measured — so
 both render these plain values instead of one format being converted into the other. Nothing here
-formats Markdown or HTML, and nothing reads files: the report dict is the only input.
+formats Markdown or HTML, and nothing reads files: the report dict is the only input. Its
+artifact rows are read as typed records (pipeline.artifact_result.ArtifactResult.from_report), the
+same ones the gates read; the helpers below take a record or a row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline.artifact_result import ArtifactResult, as_result, as_results
 
 PASS, FAIL, NOT_MEASURED = "PASS", "FAIL", "NOT MEASURED"
 PERCENTILES = ("p50", "p90", "p99")
@@ -25,9 +30,9 @@ GATE_WORDING = {"min_top1": "top-1 ≥ {t:g} %", "max_top1_drop": "drop vs PyTor
                 "has_artifact": "an artifact was built", "parity": "export parity agreement ≥ {t:g} %"}
 
 
-def label(a: dict[str, Any]) -> str:
+def label(a: ArtifactResult | Mapping[str, Any]) -> str:
     """An artifact's name in gate rows and plots (the same string `pipeline.gates` uses)."""
-    return f"{a['runtime']}/{a['precision']}"
+    return a.label if isinstance(a, ArtifactResult) else f"{a['runtime']}/{a['precision']}"
 
 
 def gate_status(g: dict[str, Any]) -> str:
@@ -70,20 +75,21 @@ def gate_thresholds(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in gates.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def measured_where(report: dict[str, Any], a: dict[str, Any]) -> str:
+def measured_where(report: dict[str, Any], a: ArtifactResult | dict[str, Any]) -> str:
     """Where an artifact's numbers come from, in words ('' when it was not measured)."""
-    if not a.get("measured") or a.get("latency_ms") is None and a.get("top1") is None:
+    a = as_result(a)
+    if not a.measured or a.latency_ms is None and a.top1 is None:
         return ""
     target = (report.get("target") or {}).get("name", "?")
-    if a.get("latency_note") or not a.get("shipped", True):
+    if a.latency_note or not a.shipped:
         return "this machine's CPU (reference)"
-    where = a.get("where")
-    return target if where in (None, "", "local") else f"{target} ({where})"
+    return target if a.where in (None, "", "local") else f"{target} ({a.where})"
 
 
-def on_target(a: dict[str, Any]) -> bool:
+def on_target(a: ArtifactResult | dict[str, Any]) -> bool:
     """Numbers measured on the target itself (not a CPU reference run beside it)."""
-    return bool(a.get("measured")) and a.get("shipped", True) and not a.get("latency_note")
+    a = as_result(a)
+    return a.measured and a.shipped and not a.latency_note
 
 
 @dataclass
@@ -131,6 +137,8 @@ class ArtifactView:
     end_to_end_ms: float | None = None  # pre-processing + inference per image, at the reported batch size
     images_per_s: float | None = None  # throughput mode only
     throughput_detail: str = ""  # batch size and streams of images_per_s
+    agreement: float | None = None  # % of images predicted as the PyTorch student does
+    warnings: list[str] = field(default_factory=list)  # the measurement protocol's (e.g. high CoV)
 
     def status(self) -> str:
         """Overall word for the row: FAIL beats NOT MEASURED beats PASS; '' for reference artifacts."""
@@ -169,16 +177,15 @@ def artifact_views(report: dict[str, Any]) -> list[ArtifactView]:
     """Every artifact with its gate rows attached to the cells they judge."""
     gviews, _ = gate_views(report)
     out = []
-    for a in report.get("artifacts") or []:
-        lat = a.get("latency_ms") or {}
-        size = a.get("size_bytes")
-        v = ArtifactView(label(a), a.get("format", ""), a.get("precision", ""), a.get("runtime", ""),
-                         bool(a.get("shipped", True)), a.get("top1"), {p: lat.get(p) for p in PERCENTILES},
-                         size / 1e6 if isinstance(size, (int, float)) else None, measured_where(report, a),
-                         str(a.get("not_measured_reason") or "") if not a.get("measured", True) else "")
-        v.config = run_config_text(a.get("runtime_config"))
+    for a in as_results(report.get("artifacts") or None):
+        v = ArtifactView(a.label, a.format, a.precision, a.runtime, a.shipped, a.top1,
+                         {p: a.latency(p) for p in PERCENTILES},
+                         a.size_bytes / 1e6 if a.size_bytes is not None else None, measured_where(report, a),
+                         (a.not_measured_reason or "") if not a.measured else "")
+        v.config = run_config_text(a.runtime_config)
         v.preprocess_ms, v.end_to_end_ms = preprocess_numbers(a)
-        v.images_per_s, v.throughput_detail = throughput_numbers(a.get("throughput"))
+        v.images_per_s, v.throughput_detail = throughput_numbers(a.throughput)
+        v.agreement, v.warnings = a.agreement, list(a.warnings or [])
         # Reference artifacts get gate rows too when the target was not measured (their accuracy
         # is judged on this machine's CPU); otherwise they have none.
         v.gates = [g for g in gviews if g.artifact == v.label]
@@ -211,14 +218,15 @@ def run_config_text(cfg: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
-def preprocess_numbers(a: dict[str, Any]) -> tuple[float | None, float | None]:
+def preprocess_numbers(a: ArtifactResult | dict[str, Any]) -> tuple[float | None, float | None]:
     """(pre-processing p50 ms, end-to-end ms per image) of an artifact row; None where not measured.
 
     End-to-end is the runner's own sum (pre-processing p50 + inference p50 / batch size) at the
     smallest measured batch size, the one `latency_ms` reports.
     """
-    pre = (a.get("preprocess") or {}).get("p50_ms")
-    rows = [e for e in a.get("latency_by_batch") or [] if isinstance(e.get("batch_size"), int)]
+    a = as_result(a)
+    pre = (a.preprocess or {}).get("p50_ms")
+    rows = [e for e in a.latency_by_batch or [] if isinstance(e.get("batch_size"), int)]
     first = min(rows, key=lambda e: e["batch_size"]) if rows else {}
     return pre, first.get("end_to_end_per_image_ms")
 

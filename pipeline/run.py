@@ -11,12 +11,13 @@ from typing import Any
 from dskd import atomic
 from dskd.errors import UserError
 from pipeline import gates as gates_mod
+from pipeline.artifact_result import REPORT_KEYS, ArtifactResult, results_from_stage
 from pipeline.lock import run_lock
 from pipeline.recipe import Recipe, check_inputs
 from pipeline.report import SCHEMA_VERSION, baseline_artifacts, bundle_section, write_report
 from pipeline.report_view import recommend
 from pipeline.ship_stages import DEPLOY, EXPORT, OPTIMIZE
-from pipeline.stage import RunContext, Stage, run_stage, stable_hash
+from pipeline.stage import STAGE_FILE, RunContext, Stage, run_stage, stable_hash
 from pipeline.train_stages import DISTILL, TEACHER
 
 
@@ -37,27 +38,25 @@ def _baseline_record(ctx: RunContext) -> dict[str, Any] | None:
             "recipe": (base.get("recipe") or {}).get("name") if isinstance(base.get("recipe"), dict) else None}
 
 
-# What report.json keeps of a deploy row (docs/report-schema.md); runtime_config, throughput and
-# preprocess are what a device needs to reproduce a latency (issue 20)
-REPORT_ARTIFACT_KEYS = ("format", "precision", "runtime", "path", "sha256", "size_bytes", "top1", "agreement",
-                        "latency_ms", "shipped", "where", "warnings", "latency_note", "baseline_comparison",
-                        "latency_by_batch", "latency_samples_ms", "prepared", "engine_build", "runtime_config",
-                        "throughput", "preprocess", "per_image", "per_image_note")
+# What report.json keeps of a deploy row (docs/report-schema.md): declared with the record,
+# pipeline.artifact_result (kept here under its old name for readers of this module)
+REPORT_ARTIFACT_KEYS = REPORT_KEYS
 
 
-def report_artifact(a: dict[str, Any]) -> dict[str, Any]:
-    """One report.json artifact row from a deploy-stage row."""
-    row = {k: a.get(k) for k in REPORT_ARTIFACT_KEYS}
-    row["measured"] = bool(a.get("measured"))
-    if not row["measured"]:
-        row["not_measured_reason"] = a.get("not_measured_reason")
-    row["parity"] = a.get("parity")
-    if a.get("rejected"):
-        row["rejected"], row["rejected_reason"] = True, a.get("rejected_reason")
-    return row
+def report_artifact(a: ArtifactResult | dict[str, Any]) -> dict[str, Any]:
+    """One report.json artifact row from a deploy result (or a deploy-stage row, read strictly)."""
+    return (a if isinstance(a, ArtifactResult) else ArtifactResult.from_json(a, "deploy row")).to_report_row()
 
 
-def build_report(ctx: RunContext) -> dict[str, Any]:
+def deploy_results(ctx: RunContext) -> list[ArtifactResult]:
+    """The deploy stage's rows as typed records: the one place the gate and report stages read
+    that stage's JSON (a hand-edited or corrupt stage.json is one line naming the field)."""
+    return results_from_stage(ctx.out("deploy"), str(ctx.folder("deploy") / STAGE_FILE))
+
+
+def build_report(ctx: RunContext, rows: bool = True) -> dict[str, Any]:
+    """The report dict; `artifacts` are report.json rows, or with `rows=False` the deploy
+    stage's typed records themselves (the gate stage: the gates read them, nothing is written)."""
     r: Recipe = ctx.recipe
     teacher = ctx.out("teacher")["summary"]
     student = ctx.out("distill")["summary"]
@@ -65,7 +64,8 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     from deploy_targets.registry import get_target
 
     tgt = get_target(r.target.name)
-    artifacts = [report_artifact(a) for a in deploy["artifacts"]]
+    results = deploy_results(ctx)
+    artifacts: list[Any] = [a.to_report_row() for a in results] if rows else results
     return {
         "schema_version": SCHEMA_VERSION,
         "recipe": {"name": r.name, "source": r.source, "config": r.to_dict()},
@@ -87,7 +87,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
 
 
 def _gate_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
-    report = build_report(ctx)
+    report = build_report(ctx, rows=False)
     results = gates_mod.evaluate_gates(report, ctx.recipe.gates, ctx.options.get("baseline_report"),
                                        ctx.recipe.target.allow_unmeasured)
     rows = [g.to_dict() for g in results]

@@ -8,7 +8,15 @@ from typing import Any
 
 from dskd.checkpoint import file_sha256
 from export.parity import tolerances_for
-from pipeline.stage import RunContext, Stage, stable_hash
+from pipeline.artifact_result import (
+    ArtifactResult,
+    BaselineComparison,
+    LatencyStats,
+    as_result,
+    as_results,
+    results_from_stage,
+)
+from pipeline.stage import STAGE_FILE, RunContext, Stage, stable_hash
 
 CPU_REFERENCE_TARGET = "cpu"
 
@@ -129,15 +137,18 @@ def _deploy_config(ctx: RunContext) -> dict[str, Any]:
     return cfg
 
 
-def shipped_artifacts(ctx: RunContext) -> list[dict[str, Any]]:
-    """Artifacts of the export/optimize stages with the stage folder made part of their path."""
+def shipped_artifacts(ctx: RunContext) -> list[ArtifactResult]:
+    """Artifacts of the export/optimize stages with the stage folder made part of their path
+    (not measured yet: `measured` is False until the deploy stage measures them)."""
     tgt = _target(ctx)
     out = []
     for stage in ("export", "optimize"):
-        for a in ctx.out(stage)["artifacts"]:
-            row = dict(a, path=str((ctx.folder(stage) / a["path"]).relative_to(ctx.run_dir)))
-            row["shipped"] = a["runtime"] == tgt.runtime and a["precision"] in tgt.precisions
-            out.append(row)
+        source = str(ctx.folder(stage) / STAGE_FILE)
+        for i, a in enumerate(ctx.out(stage)["artifacts"]):
+            row = ArtifactResult.from_report(a, source, f"outputs.artifacts[{i}]")
+            out.append(row.replace(path=str((ctx.folder(stage) / (row.path or "")).relative_to(ctx.run_dir)),
+                                   shipped=row.runtime == tgt.runtime and row.precision in tgt.precisions,
+                                   measured=False))
     return out
 
 
@@ -184,21 +195,20 @@ def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval
                    hint="latency" if latency_only else (t.hint or None), streams=t.streams or None)
 
 
-def _record(a: dict[str, Any], m: Any) -> dict[str, Any]:
+def _record(a: ArtifactResult | dict[str, Any], m: Any) -> ArtifactResult:
+    """`a` with the runner's measurement `m`: accuracy in %, latency at the smallest batch size."""
     lat = m.latency_at(min(m.batch_sizes))
-    a = dict(a)
     acc = m.accuracy or {}
     pct = {k: round(100.0 * acc[k], 4) if acc.get(k) is not None else None for k in ("top1", "agreement")}
-    a.update(measured=True, top1=pct["top1"], agreement=pct["agreement"],
-             latency_ms={k: lat.get(f"{k}_ms") for k in ("p50", "p90", "p99", "mean", "std")} | {"cov": lat.get("cov")},
-             latency_by_batch=[{k: v for k, v in e.items() if k != "samples_ms"} for e in m.latency],
-             latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings,
-             where=m.where, environment=m.environment,
-             runtime_config=m.runtime_config, throughput=m.throughput, preprocess=m.preprocess)
-    return a
+    stats = LatencyStats(**{k: lat.get(f"{k}_ms") for k in ("p50", "p90", "p99", "mean", "std")}, cov=lat.get("cov"))
+    return as_result(a, "deploy row").replace(
+        measured=True, top1=pct["top1"], agreement=pct["agreement"], latency_ms=stats,
+        latency_by_batch=[{k: v for k, v in e.items() if k != "samples_ms"} for e in m.latency],
+        latency_samples_ms=lat.get("samples_ms"), warnings=m.warnings, where=m.where, environment=m.environment,
+        runtime_config=m.runtime_config, throughput=m.throughput, preprocess=m.preprocess)
 
 
-def _with_per_image(row: dict[str, Any], path: Path, m: Any, eval_set: Path) -> dict[str, Any]:
+def _with_per_image(row: ArtifactResult, path: Path, m: Any, eval_set: Path) -> ArtifactResult:
     """`row` with which test images the artifact got right (`per_image`), for the paired
     accuracy gates of a later run that uses this report as its baseline (pipeline.per_image)."""
     from pipeline.per_image import measure_record
@@ -211,11 +221,11 @@ def _with_per_image(row: dict[str, Any], path: Path, m: Any, eval_set: Path) -> 
                                       (m.accuracy or {}).get("predictions_sha256"))
         except Exception as exc:  # an extra record, not the measurement: say why, keep the numbers
             rec, why = None, f"per-image predictions could not be recomputed here: {str(exc).splitlines()[0][:200]}"
-    return dict(row, per_image=rec, **({"per_image_note": why} if why else {}))
+    return row.replace(per_image=rec, per_image_note=why or None)
 
 
 def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str, precision: str,
-                       device: str | None) -> dict[str, Any]:
+                       device: str | None) -> BaselineComparison:
     """Candidate and baseline measured alternately (C B, B C, ...) in this job, until decided.
 
     Each round is one paired ratio; the gate judges the median of the ratios with its
@@ -226,17 +236,15 @@ def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str
     not used (`kept`), and another is measured instead. `ratio` (of the two median p50s)
     stays for older readers.
     """
-    from pipeline.regression_stats import CANDIDATE, interleaved_rounds, side_details
+    from pipeline.latency_ab import interleaved_ab
 
-    def one(side: str) -> tuple[float, bool, dict[str, Any]]:
-        m = _measure(ctx, cand if side == CANDIDATE else base, target_name, precision, None, device, [1],
-                     latency_only=True)
-        return m.p50_ms, any(e.get("contended") for e in m.latency), side_details(m)
-
-    g = ctx.recipe.gates
-    rec = interleaved_rounds(one, g.max_latency_regression, g.regression_budget_s)
+    g, t = ctx.recipe.gates, ctx.recipe.target
+    rec = interleaved_ab(cand, base, target_name, precision, _protocol(ctx), g.max_latency_regression,
+                         g.regression_budget_s, device=device, threads=t.threads or None, timeout_s=t.timeout_s,
+                         measure_side=lambda p: _measure(ctx, p, target_name, precision, None, device, [1],
+                                                         latency_only=True))
     ratio = statistics.median(rec["candidate_p50_ms"]) / statistics.median(rec["baseline_p50_ms"])
-    return {"ratio": ratio, **rec}
+    return BaselineComparison.from_rounds({"ratio": ratio, **rec})
 
 
 def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
@@ -251,30 +259,32 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     base_report = ctx.options.get("baseline_report")
     base_dir = ctx.options.get("baseline_dir")
     results = []
+    results: list[ArtifactResult] = []
     for a in artifacts:
-        path = ctx.run_dir / a["path"]
-        if a["shipped"]:
+        path = ctx.run_dir / (a.path or "")
+        if a.shipped:
             if not ok:
-                results.append(dict(a, measured=False, top1=None, latency_ms=None, not_measured_reason=reason))
+                results.append(a.replace(measured=False, top1=None, latency_ms=None, not_measured_reason=reason))
                 continue
             try:
-                m = _measure(ctx, path, tgt.name, a["precision"], eval_set, device, t.batch_sizes)
+                m = _measure(ctx, path, tgt.name, a.precision, eval_set, device, t.batch_sizes)
             except UserError as exc:  # device trouble: keep going, record why
-                results.append(dict(a, measured=False, top1=None, latency_ms=None, not_measured_reason=str(exc)))
-                ctx.log(f"  {a['runtime']}/{a['precision']}: not measured: {exc}")
+                results.append(a.replace(measured=False, top1=None, latency_ms=None, not_measured_reason=str(exc)))
+                ctx.log(f"  {a.label}: not measured: {exc}")
                 continue
             row = _with_per_image(_record(a, m), path, m, eval_set)
             base_art = _baseline_artifact(base_report, base_dir, a)
             if base_art is not None:
-                row["baseline_comparison"] = _interleaved_ratio(ctx, path, base_art, tgt.name, a["precision"], device)
+                row = row.replace(baseline_comparison=_interleaved_ratio(ctx, path, base_art, tgt.name, a.precision,
+                                                                         device))
             results.append(row)
-            ctx.log(f"  {a['runtime']}/{a['precision']}: top1 {row['top1']:.2f} %, p50 {row['latency_ms']['p50']:.3f} ms")
-        elif a["runtime"] == "onnxruntime":
+            ctx.log(f"  {a.label}: {_measured_text(row)}")
+        elif a.runtime == "onnxruntime":
             # Not what this target runs (e.g. the ONNX beside a TensorRT target): its accuracy on this CPU
             # still says whether quantization kept the model intact before anything reaches a device.
-            m = _measure(ctx, path, CPU_REFERENCE_TARGET, a["precision"], eval_set, None, [1])
-            results.append(dict(_with_per_image(_record(a, m), path, m, eval_set),
-                                latency_note="measured on this machine's CPU, not on the target"))
+            m = _measure(ctx, path, CPU_REFERENCE_TARGET, a.precision, eval_set, None, [1])
+            results.append(_with_per_image(_record(a, m), path, m, eval_set).replace(
+                latency_note="measured on this machine's CPU, not on the target"))
     results += rejected_rows(ctx)
     skipped = [sk for sk in ctx.out("optimize").get("skipped", [])
                if not sk.get("rejected") and _format_spec(sk["format"]).runtime == tgt.runtime
@@ -291,22 +301,28 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
     for sk in skipped:
         spec = _format_spec(sk["format"])
         why = sk["reason"] if ok else f"{reason}; {sk['reason']}"
-        row = {"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
-               "sha256": None, "size_bytes": None, "shipped": True, "measured": False, "top1": None,
-               "latency_ms": None, "not_measured_reason": why, "parity": sk.get("parity"),
-               "prepared": [str(p.relative_to(ctx.run_dir)) for p in kit] if torch_kit and spec.runtime == "tensorrt"
-               else [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir)) for p in sk.get("prepared", [])]}
+        row = ArtifactResult(
+            format=spec.name, precision=spec.precision, runtime=spec.runtime, shipped=True, measured=False,
+            not_measured_reason=why, parity=sk.get("parity"),
+            prepared=[str(p.relative_to(ctx.run_dir)) for p in kit] if torch_kit and spec.runtime == "tensorrt"
+            else [str((ctx.folder("optimize") / p).relative_to(ctx.run_dir)) for p in sk.get("prepared", [])])
         if ok and spec.runtime == "tensorrt":
             row = _engine_row(ctx, folder, row, kit, eval_set, device)
         results.append(row)
     # the target's environment: a shipped artifact's, not the CPU reference run beside a TensorRT target
-    env = next((r.get("environment") for r in sorted(results, key=lambda r: not r.get("shipped"))
-                if r.get("environment")), None)
-    return {"artifacts": results, "target_available": ok, "reason": "" if ok else reason,
+    env = next((r.environment for r in sorted(results, key=lambda r: not r.shipped) if r.environment), None)
+    return {"artifacts": [r.to_json() for r in results], "target_available": ok, "reason": "" if ok else reason,
             "eval_set": "eval.npz", "environment": env, "runtime": tgt.runtime}
 
 
-def rejected_rows(ctx: RunContext) -> list[dict[str, Any]]:
+def _measured_text(row: ArtifactResult) -> str:
+    """'top1 91.20 %, p50 0.412 ms' for the progress log ('—' where the runner gave no number)."""
+    top1, p50 = row.top1, row.latency("p50")
+    return (f"top1 {'—' if top1 is None else f'{top1:.2f}'} %, "
+            f"p50 {'—' if p50 is None else f'{p50:.3f}'} ms")
+
+
+def rejected_rows(ctx: RunContext) -> list[ArtifactResult]:
     """Artifacts that failed their export parity check: not shipped, not measured, listed with
     the agreement the check measured (so the report says how far off they were)."""
     tgt = _target(ctx)
@@ -318,13 +334,12 @@ def rejected_rows(ctx: RunContext) -> list[dict[str, Any]]:
             spec = _format_spec(sk["format"])
             parity = sk.get("parity") or {}
             agreement = parity.get("top1_agreement")
-            rows.append({"format": spec.name, "precision": spec.precision, "runtime": spec.runtime, "path": None,
-                         "sha256": None, "size_bytes": None,
-                         "shipped": spec.runtime == tgt.runtime and spec.precision in tgt.precisions,
-                         "measured": False, "top1": None, "latency_ms": None,
-                         "agreement": round(100.0 * agreement, 4) if agreement is not None else None,
-                         "not_measured_reason": f"rejected by the export parity check: {sk['reason']}",
-                         "rejected": True, "rejected_reason": sk["reason"], "parity": sk.get("parity")})
+            rows.append(ArtifactResult(
+                format=spec.name, precision=spec.precision, runtime=spec.runtime,
+                shipped=spec.runtime == tgt.runtime and spec.precision in tgt.precisions, measured=False,
+                agreement=round(100.0 * agreement, 4) if agreement is not None else None,
+                not_measured_reason=f"rejected by the export parity check: {sk['reason']}",
+                rejected=True, rejected_reason=sk["reason"], parity=sk.get("parity")))
             ctx.log(f"  {spec.runtime}/{spec.precision}: REJECTED ({sk['reason']})")
     return rows
 
@@ -334,11 +349,11 @@ def deploy_complete(outputs: dict[str, Any]) -> bool:
     cached: the next run tries the device again instead of repeating "not measured"."""
     if not outputs.get("target_available", True):
         return False
-    return all(a.get("measured") or a.get("rejected") or not a.get("shipped") for a in outputs.get("artifacts", []))
+    return all(a.measured or a.rejected or not a.shipped for a in results_from_stage(outputs, "deploy stage outputs"))
 
 
-def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Path], eval_set: Path,
-                device: str | None) -> dict[str, Any]:
+def _engine_row(ctx: RunContext, folder: Path, row: ArtifactResult, kit: list[Path], eval_set: Path,
+                device: str | None) -> ArtifactResult:
     """Build the engine on the target from the optimize stage's kit, then measure it there.
 
     Engines are device-specific, so they are built where they run (over SSH or on this
@@ -350,35 +365,35 @@ def _engine_row(ctx: RunContext, folder: Path, row: dict[str, Any], kit: list[Pa
 
     t = ctx.recipe.target
     tgt = _target(ctx)
-    label = f"{row['runtime']}/{row['precision']}"
+    label = row.label
     builder = ctx.recipe.export.trt_builder
     try:  # `kit`: the optimize stage's ONNX kit, or the torch-tensorrt kit (_deploy_run wrote it)
-        built = build_engines(kit, [row["precision"]], device, out_dir=folder / "engines",
+        built = build_engines(kit, [row.precision], device, out_dir=folder / "engines",
                               remote_python=t.python, timeout_s=t.timeout_s, remote_tmp=t.remote_tmp or None,
-                              trtexec=t.trtexec or None, builder=builder)[row["precision"]]
+                              trtexec=t.trtexec or None, builder=builder)[row.precision]
     except UserError as exc:
         ctx.log(f"  {label}: engine not built: {exc}")
-        return dict(row, not_measured_reason=f"engine build failed: {exc}")
+        return row.replace(not_measured_reason=f"engine build failed: {exc}")
     engine = built.local_engine_path
-    a = dict(row, path=str(engine.relative_to(ctx.run_dir)), sha256=built.sha256,
-             size_bytes=engine.stat().st_size, not_measured_reason=None,
-             engine_build={"tensorrt_version": built.tensorrt_version, "gpu_name": built.gpu_name,
+    a = row.replace(path=str(engine.relative_to(ctx.run_dir)), sha256=built.sha256,
+                    size_bytes=engine.stat().st_size, not_measured_reason=None,
+                    engine_build={"tensorrt_version": built.tensorrt_version, "gpu_name": built.gpu_name,
                            "where": built.where, "build_seconds": built.build_seconds,
                            "info": str(built.info_path.relative_to(ctx.run_dir)),
-                           "log": str(built.log_path.relative_to(ctx.run_dir))})
+                                  "log": str(built.log_path.relative_to(ctx.run_dir))})
     ctx.log(f"  {label}: engine built on {built.where} (TensorRT {built.tensorrt_version}, "
             f"{built.gpu_name}) in {built.build_seconds:.1f} s")
     try:
-        m = _measure(ctx, engine, tgt.name, row["precision"], eval_set, device, t.batch_sizes)
+        m = _measure(ctx, engine, tgt.name, row.precision, eval_set, device, t.batch_sizes)
     except UserError as exc:
         ctx.log(f"  {label}: not measured: {exc}")
-        return dict(a, measured=False, not_measured_reason=str(exc))
-    out = _record(a, m)
-    out.pop("not_measured_reason", None)
+        return a.replace(measured=False, not_measured_reason=str(exc))
+    out = _record(a, m).replace(not_measured_reason=None)
     base_art = _baseline_artifact(ctx.options.get("baseline_report"), ctx.options.get("baseline_dir"), out)
     if base_art is not None:
-        out["baseline_comparison"] = _interleaved_ratio(ctx, engine, base_art, tgt.name, row["precision"], device)
-    ctx.log(f"  {label}: top1 {out['top1']:.2f} %, p50 {out['latency_ms']['p50']:.3f} ms")
+        out = out.replace(baseline_comparison=_interleaved_ratio(ctx, engine, base_art, tgt.name, row.precision,
+                                                                 device))
+    ctx.log(f"  {label}: {_measured_text(out)}")
     return out
 
 
@@ -388,14 +403,15 @@ def _format_spec(name: str):
     return FORMATS[name]
 
 
-def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None, a: dict[str, Any]) -> Path | None:
+def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None, a: ArtifactResult) -> Path | None:
+    """The same artifact kind's file in the --baseline run folder (None: none to measure against)."""
     if not base_report or base_dir is None:
         return None
-    for b in base_report.get("artifacts", []):
-        if (b["format"], b["precision"], b["runtime"]) == (a["format"], a["precision"], a["runtime"]):
-            if not b.get("path"):  # rejected, or a device format not built where the baseline ran
+    for b in as_results(base_report.get("artifacts"), "--baseline"):
+        if b.key == a.key:
+            if not b.path:  # rejected, or a device format not built where the baseline ran
                 return None
-            p = base_dir / b["path"]
+            p = base_dir / b.path
             return p if p.exists() else None
     return None
 

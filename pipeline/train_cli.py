@@ -33,7 +33,8 @@ def _data_limits(value: str | dict | None) -> dict[str, float]:
     return dict(value)  # type: ignore[arg-type]
 
 
-_TRAIN_DOC = """Train a model (CE) or distill a student from a teacher (--method kd|dkd|fitnet|lshfm|diffkd|dskd).
+_TRAIN_DOC = """Train a model (CE) or distill a student from a teacher (--method NAME,
+any method registered in dskd.methods).
 
 Writes OUT/model.pt, OUT/last.pt (for --resume), OUT/metrics.jsonl and OUT/summary.json.
 With --nproc N (or under `torchrun --nproc_per_node N -m pipeline train ...`) it runs DDP

@@ -109,3 +109,40 @@ def test_dskd_chain_calls_a_t_aware_denoiser_in_its_own_mode() -> None:
         with torch.no_grad():
             e, e_other = d.denoiser(x_t, t), d.denoiser(x_t, (t + 300) % 1000)
         assert float((e - e_other).abs().max() / e.abs().max()) > 0.05
+
+
+# -- issue 15: the fused GroupNorm forward is the module-by-module forward ---------------------------
+
+
+@pytest.mark.parametrize("time_cond", ["film", "add"])
+def test_fused_group_norm_forward_computes_the_module_path(time_cond: str) -> None:
+    """One layout, float32 between the convs, FiLM folded into the norm's affine for a host-side t:
+    the same outputs and parameter gradients as `forward_modules` (the oracle) in float32, for one t
+    and for a t per sample, and the same outputs to bf16 rounding under CPU bf16 autocast."""
+    torch.manual_seed(0)
+    d = Denoiser(16, 1000, time_cond, "group").train()
+    with torch.no_grad():  # time tables and norm affines as after training (non-trivial)
+        d.time_embed.weight.normal_(0.0, 1.0)
+        if time_cond == "film":
+            d.time_film.weight.normal_(0.0, 0.3)
+        for m in d.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 16, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)  # trainer's layout
+    w = torch.randn(8, 16, 4, 4, generator=g)
+    params = [p for p in d.parameters() if p.requires_grad]
+    for t in (75, torch.tensor([0, 100, 999, 5, 100, 3, 100, 7])):
+        fused, ref = d(x, t), d.forward_modules(x, t)
+        assert (fused - d(x, 500 if isinstance(t, int) else 999 - t)).abs().max() > 1e-2  # t matters here
+        assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad((fused * w).sum(), params, allow_unused=True)
+        want = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+        for p, a, b in zip(params, got, want, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-6, p.shape  # float32 summation order
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused, ref = d(x, t).float(), d.forward_modules(x, t).float()
+        assert (fused - ref).abs().max() <= 2e-2 * ref.abs().max()  # a few bf16 ulps of the largest value

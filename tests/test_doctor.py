@@ -288,10 +288,10 @@ def test_jetson_measurement_records_the_board_before_and_after(sshd: Sshd, jetso
 
     import numpy as np
 
-    from deploy_targets import Protocol, doctor, measure, write_eval_npz
+    from deploy_targets import Protocol, doctor_board_state, measure, write_eval_npz
     from tests.fakes.trt_runtime import write_fake_tensorrt_lib
 
-    monkeypatch.setattr(doctor, "BOARD_ROOT", str(jetson["root"]))
+    monkeypatch.setattr(doctor_board_state, "BOARD_ROOT", str(jetson["root"]))
     lib = write_fake_tensorrt_lib(tmp_path / "lib")
     engine = tmp_path / "model.fp16.engine"
     engine.write_text(json.dumps({"w": [[1.0], [-1.0]], "chw": [1, 4, 4], "max_batch": 8}))  # FAKE engine

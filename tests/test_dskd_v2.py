@@ -204,3 +204,18 @@ def test_probes_measure_what_guidance_moves_without_training_anything(teacher: T
     assert 0 <= p["bits_differ_from_student"] <= 1 and -1 <= p["cos_to_teacher"] <= 1
     assert set(p["eps_mse_per_t"]) == {"0", "100", "999"}
     assert p == dskd_probes(d, x, y, ts=(0, 100, 999))  # fixed noise: the same numbers again
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 4, 4), (16, 32)])
+def test_feature_statistics_match_var_mean_on_channels_last_maps(shape: tuple[int, ...]) -> None:
+    """FeatureStats' per-channel statistics (two pooled passes, issue 15) are torch.var_mean's."""
+    from dskd.methods.diffusion_branch import channel_var_mean
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(*shape, generator=g) * torch.linspace(0.5, 3.0, 32).view(1, -1, *[1] * (len(shape) - 2)) + 2.0
+    if f.dim() == 4:
+        f = f.contiguous(memory_format=torch.channels_last)
+    var, mean = channel_var_mean(f)
+    want_var, want_mean = torch.var_mean(f, dim=(0, 2, 3) if f.dim() == 4 else (0,))
+    assert torch.allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(var, want_var, rtol=1e-5, atol=1e-6)

@@ -313,6 +313,42 @@ def test_lshfm_defaults_are_the_reference_lshl2_s() -> None:
     assert float(losses["lsh"].detach()) == 0.0 and float(losses["l2"].detach()) == 0.0 and losses["l2"].requires_grad
 
 
+class _MaxPoolHead(TinyNet):
+    """A model whose head pools by max, not mean: LSHFM must use the model's own pre-logits vector."""
+
+    pooled_linear_head = False  # not mean + fc: DSKD would take its autograd guidance path
+
+    def forward_head(self, f: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = f.amax(dim=(2, 3))
+        return pooled if pre_logits else self.fc(pooled)
+
+
+def test_lshfm_pools_with_the_models_forward_head() -> None:
+    # Zoo models (average pooling): the same L2 as pooling by hand, so the numbers do not move.
+    from dskd.models import create_model
+
+    torch.manual_seed(0)
+    student, teacher = create_model("mobilenetv2", 4), create_model("resnet8", 4)  # widths 1280 → 64
+    d = create_distiller("lshfm", student, teacher, {"lsh_correct_only": False}).train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    _, losses = d(x, y, progress=0.5)
+    with torch.no_grad():
+        g_s = d.projection(d.student.forward_features(x).mean(dim=(2, 3)))
+        g_t = d.teacher_outputs(x)[1].float().mean(dim=(2, 3))
+    assert torch.allclose(losses["l2"], (g_s - g_t).pow(2).mean() * 6.0, rtol=1e-5)
+    # A model with its own pooling: LSHFM follows forward_head(pre_logits=True), not a hand-written mean.
+    torch.manual_seed(0)
+    d = create_distiller("lshfm", _MaxPoolHead(8), _MaxPoolHead(16), {"lsh_correct_only": False}).train()
+    x, y = batch()
+    _, losses = d(x, y, progress=0.5)
+    with torch.no_grad():
+        g_s = d.projection(d.student.forward_features(x).amax(dim=(2, 3)))
+        g_t = d.teacher_outputs(x)[1].float().amax(dim=(2, 3))
+        by_mean = d.projection(d.student.forward_features(x).mean(dim=(2, 3)))
+    assert torch.allclose(losses["l2"], (g_s - g_t).pow(2).mean() * 6.0, rtol=1e-5)
+    assert not torch.allclose(losses["l2"], (by_mean - g_t).pow(2).mean() * 6.0, rtol=1e-3)
+
+
 def test_lshfm_bias_is_the_exact_median_over_the_window() -> None:
     d = make("lshfm", {"lsh_bias_batches": 3, "lsh_correct_only": False})
     d.train()

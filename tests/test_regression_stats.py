@@ -313,7 +313,7 @@ def test_interleaved_rounds_keep_what_the_runner_said_about_each_side():
 def test_round_protocol_caps_each_side_of_a_round():
     from pipeline.regression_stats import round_protocol
 
-    assert round_protocol(200, 2.0) == {"min_iters": 100, "min_seconds": 1.0}
+    assert round_protocol(200, 2.0) == {"min_iters": 100, "min_seconds": 0.5}
     assert round_protocol(10, 0.05) == {"min_iters": 10, "min_seconds": 0.05}  # a quicker recipe stays quick
 
 

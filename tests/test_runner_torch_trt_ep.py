@@ -1,7 +1,7 @@
 """The runner measures a Torch-TensorRT ExportedProgram (.ep) through `torch_tensorrt.load`.
 
 torch-tensorrt cannot run here: the command path, loading, binding, timing loop, accuracy and
-result parsing run for real against the FAKE torch_tensorrt of tests/fakes/torch_trt_load.py
+result parsing run for real against the FAKE torch_tensorrt of tests/fakes/torch_trt.py
 (its `load` returns a plain PyTorch ExportedProgram, no TensorRT inside). The real run is a
 separate test that is skipped, with the reason, wherever torch_tensorrt is not importable.
 """
@@ -16,11 +16,17 @@ import pytest
 from deploy_targets import DeviceError, Protocol, measure, write_eval_npz
 from deploy_targets.measure import runner_args
 from deploy_targets.remote.dskd_runner.protocol import RUNTIME_MODULES
-from tests.fakes.torch_trt_load import FAKE_VERSION, write_fake_torch_trt_load_lib
+from tests.fakes.torch_trt import write_fake_torch_trt_lib
 
 FAST = Protocol(warmup_seconds=0.05, min_iters=15, min_seconds=0.1, contention_retries=0)
 MEAN = np.array([0.5, 0.4, 0.3], np.float32)
 STD = np.array([0.2, 0.25, 0.3], np.float32)
+FAKE_VERSION = "0.0+fake-load"  # what the FAKE torch_tensorrt reports, to tell it was the one loaded
+
+
+def fake_torch_trt_load_lib(lib: Path) -> Path:
+    """Only the FAKE torch_tensorrt (its `load` = the REAL torch.export.load): no tensorrt, no ModelOpt."""
+    return write_fake_torch_trt_lib(lib, torch_tensorrt=FAKE_VERSION, tensorrt=None, modelopt=False)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> dict:
     y = ref.copy()
     y[:5] = (y[:5] + 1) % 4
     eval_path = write_eval_npz(root / "eval.npz", x, y, MEAN, STD, ref_pred=ref)
-    return {"ep": path, "eval": eval_path, "lib": write_fake_torch_trt_load_lib(root / "lib"), "model": model,
+    return {"ep": path, "eval": eval_path, "lib": fake_torch_trt_load_lib(root / "lib"), "model": model,
             "root": root}
 
 

@@ -99,18 +99,25 @@ def test_fast_step_matches_autograd_oracle(options: dict, mode: str) -> None:
         assert torch.allclose(gf[n], go[n], rtol=1e-3, atol=1e-6), n
 
 
-def test_denoised_features_match_under_bf16_autocast() -> None:
-    fast, oracle = pair(V1_SHIPPED)
+@pytest.mark.parametrize("options", [V1_SHIPPED, SHIPPED], ids=["v1", "v2"])
+def test_denoised_features_match_under_bf16_autocast(options: dict) -> None:
+    """Fast and autograd guidance denoise alike under CPU bf16 autocast: v1 in the student's feature
+    space, v2 (teacher_space) on the adapter's output once the feature scale has seen the teacher."""
+    fast, oracle = pair(options)
     x, y = data()
     with torch.no_grad():
-        z_t, _ = fast.teacher_outputs(x)
-        f_s = fast.student.forward_features(x)
+        z_t, f_t = fast.teacher_outputs(x)
+        feats = fast.student.forward_features(x)
+        if fast.teacher_space:
+            feats = fast.adapter(feats)
+            for d in (fast, oracle):
+                d.feature_stats.observe(f_t)
     target = fast.guidance_target(y, z_t)
-    noise = torch.randn_like(f_s)
+    noise = torch.randn_like(feats)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = fast.denoise(f_s, target, noise=noise)
-        want, _ = oracle.denoise(f_s, target, noise=noise)
-    unguided, _ = fast.denoise(f_s, target, noise=noise, scale=0.0)
+        got, _ = fast.denoise(feats, target, noise=noise)
+        want, _ = oracle.denoise(feats, target, noise=noise)
+    unguided, _ = fast.denoise(feats, target, noise=noise, scale=0.0)
     assert (want - unguided).abs().max() > 1e-3  # guidance really moved f̂ ...
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)  # ... and both paths moved it alike
 
@@ -142,25 +149,6 @@ def test_teacher_space_closed_form_equals_autograd_through_the_scaled_head() -> 
     (want,) = torch.autograd.grad((target * torch.log_softmax(logits, 1)).sum(), [xg])
     got = head_gradient_closed_form(x0, target, HeadWeights.read(teacher.fc, scale, shift))
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
-
-
-def test_v2_denoised_features_match_under_bf16_autocast() -> None:
-    fast, oracle = pair(SHIPPED)
-    x, y = data()
-    with torch.no_grad():
-        z_t, f_t = fast.teacher_outputs(x)
-        f_s = fast.student.forward_features(x)
-        a_s = fast.adapter(f_s)
-        fast.feature_stats.observe(f_t)
-        oracle.feature_stats.observe(f_t)
-    target = fast.guidance_target(y, z_t)
-    noise = torch.randn_like(a_s)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = fast.denoise(a_s, target, noise=noise)
-        want, _ = oracle.denoise(a_s, target, noise=noise)
-    unguided, _ = fast.denoise(a_s, target, noise=noise, scale=0.0)
-    assert (want - unguided).abs().max() > 1e-3
-    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 def test_head_detection() -> None:
@@ -283,3 +271,34 @@ def test_capture_compile_on_cpu_matches_eager() -> None:
         assert torch.allclose(lf[k], lc[k], rtol=1e-3, atol=1e-5), k
     for n in gf:
         assert torch.allclose(gf[n], gc[n], rtol=1e-2, atol=1e-5), n
+
+
+def test_pooled_head_gradient_is_hw_times_the_per_position_gradient() -> None:
+    """The chain's teacher-space guide reads only mean_hw x̂0 (issue 15): same gradient as the map form."""
+    from dskd.methods.guidance import head_gradient_pooled
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet8x4", num_classes=10, in_chans=3)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(8, 256, 8, 8, generator=g)
+    target = torch.softmax(torch.randn(8, 10, generator=g), dim=1)
+    hw = HeadWeights.read(teacher.fc, torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g))
+    want = head_gradient_closed_form(x0, target, hw)
+    got = head_gradient_pooled(x0.mean(dim=(2, 3)), target, hw) / 64
+    assert torch.allclose(got, want[:, :, 0, 0], rtol=1e-5, atol=1e-9)
+    assert torch.equal(want, want[:, :, :1, :1].expand_as(want))  # the same at every position
+
+
+@pytest.mark.parametrize("options", [V1_SHIPPED, SHIPPED], ids=["v1", "v2"])
+def test_in_place_chain_leaves_its_start_alone(options: dict) -> None:
+    """The no-grad DDIM chain writes into its own buffers (issue 15), never into the caller's x_t0."""
+    fast, _ = pair(options)
+    x, y = data()
+    with torch.no_grad():
+        z_t, _ = fast.teacher_outputs(x)
+        start = fast.student.forward_features(x)
+        if fast.teacher_space:
+            start = fast.adapter(start)
+    before = start.clone()
+    out = fast.descend(start, fast.guidance_target(y, z_t), 100.0)
+    assert torch.equal(start, before) and out.data_ptr() != start.data_ptr()

@@ -98,15 +98,8 @@ def test_parse_export_profile():
 
 def test_parse_summary_separates_gpu_compute_and_host_latency():
     s = tt.parse_summary(SUMMARY_TRT10)
-    assert s["gpu_compute"] == {
-        "min_ms": 0.399414,
-        "max_ms": 0.821289,
-        "mean_ms": 0.437012,
-        "median_ms": 0.432129,
-        "p90_ms": 0.453125,
-        "p95_ms": 0.464844,
-        "p99_ms": 0.524414,
-    }
+    assert s["gpu_compute"] == {"min_ms": 0.399414, "max_ms": 0.821289, "mean_ms": 0.437012, "median_ms": 0.432129,
+                                "p90_ms": 0.453125, "p95_ms": 0.464844, "p99_ms": 0.524414}  # fmt: skip
     assert s["host_latency"]["median_ms"] == 0.497803 and s["host_latency"]["p99_ms"] == 0.604004
     assert s["h2d"]["mean_ms"] == 0.0447754 and s["d2h"]["max_ms"] == 0.0419922 and "enqueue" in s
     assert (
@@ -115,13 +108,7 @@ def test_parse_summary_separates_gpu_compute_and_host_latency():
         and s["total_gpu_compute_s"] == 2.60674
     )
     old = tt.parse_summary(SUMMARY_TRT8)
-    assert old["host_latency"] == {
-        "min_ms": 1.8,
-        "max_ms": 2.9,
-        "mean_ms": 1.95,
-        "median_ms": 1.93,
-        "p99_ms": 2.4,
-    }
+    assert old["host_latency"] == {"min_ms": 1.8, "max_ms": 2.9, "mean_ms": 1.95, "median_ms": 1.93, "p99_ms": 2.4}
     assert old["end_to_end"]["p99_ms"] == 2.9 and old["gpu_compute"]["median_ms"] == 1.83
     assert tt.parse_summary("no summary here") == {}
 

@@ -1,4 +1,5 @@
-"""Pieces of DSKD's feature diffusion that are not the denoiser: feature scaling and DDIM inversion.
+"""Pieces of DSKD's feature diffusion that are not the denoiser: feature scaling, DDIM inversion,
+noise and pooling helpers, and the cost report (shared with the DiffKD baseline).
 
 Why a feature scale: a last feature map has per-element RMS ≈ 0.4 (student) or any other scale
 (teacher), while the diffusion noise has unit variance; at t0 = 100 the noise std √(1−ᾱ) ≈ 0.3
@@ -10,8 +11,12 @@ features those statistics are stationary, so after the first batches the map is 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from dskd.methods import costs
+from dskd.methods.base import Distiller
+from dskd.methods.denoiser import Denoiser
 from dskd.methods.schedule import DiffusionSchedule
 
 
@@ -40,8 +45,7 @@ class FeatureStats(nn.Module):
             self._seen_host = int(self.seen)
         n = self._seen_host
         with torch.no_grad():
-            dims = (0, 2, 3) if f.dim() == 4 else (0,)
-            var, mean = torch.var_mean(f.detach().float(), dim=dims)
+            var, mean = channel_var_mean(f.detach().float())
             keep = n / (n + 1) if n < self.warm else 1.0 - self.momentum
             self.mean.mul_(keep).add_(mean, alpha=1.0 - keep)
             self.var.mul_(keep).add_(var, alpha=1.0 - keep)
@@ -74,6 +78,23 @@ class FeatureStats(nn.Module):
         return torch.addcmul(self._view(self.mean, x), x, self._view(s, x))
 
 
+def channel_var_mean(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (unbiased variance, mean) of B×C×H×W or B×C, as torch.var_mean over all but dim 1.
+
+    For maps, two passes of pooling: torch.var_mean over (0, 2, 3) of a channels-last map (the
+    trainer's layout) took ~5× as long on CPU (issue 15); the result agrees to float32 rounding
+    (a single value per channel gives variance 0, where torch.var_mean gives NaN).
+    """
+    if f.dim() != 4:
+        return torch.var_mean(f, dim=0)
+    n = f.shape[0] * f.shape[2] * f.shape[3]
+    mean = F.adaptive_avg_pool2d(f, 1).mean(dim=0).view(-1)
+    centred = f - mean.view(1, -1, 1, 1)
+    hw = f.shape[2] * f.shape[3]
+    var = F.adaptive_avg_pool2d(centred * centred, 1).sum(dim=0).view(-1) * (hw / max(n - 1, 1))
+    return var, mean
+
+
 def ddim_invert(denoiser: nn.Module, schedule: DiffusionSchedule, x0: torch.Tensor, t0: int,
                 steps: int) -> torch.Tensor:
     """Deterministic DDIM inversion of clean `x0` up to t0 along the sampling grid (no guidance).
@@ -90,3 +111,62 @@ def ddim_invert(denoiser: nn.Module, schedule: DiffusionSchedule, x0: torch.Tens
             c_x, c_eps = schedule.ddim_coefficients(t_prev, t)
             x = torch.add(x * c_x, eps, alpha=c_eps)
     return x
+
+
+def gaussian_like(x: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise shaped like `x`, drawn in the default (contiguous) layout.
+
+    torch.randn_like keeps a channels-last layout and then fills element by element, ~10×
+    slower on CPU than a contiguous draw; the distribution is the same.
+    """
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
+def global_pool(f: torch.Tensor) -> torch.Tensor:
+    """Mean over positions, B×C×H×W → B×C (adaptive pooling: fast on channels-last maps)."""
+    return F.adaptive_avg_pool2d(f, 1).flatten(1)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error per sample, averaged over the samples `mask` keeps (all if None)."""
+    per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+    if mask is None:
+        return per_sample.mean()
+    w = mask.to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp(min=1.0)
+
+
+def diffusion_cost_report(
+    distiller: Distiller,
+    denoiser: Denoiser,
+    feature_model: torch.nn.Module,
+    input_size: int,
+    in_chans: int,
+    calls: int,
+    at_student_size: bool = False,
+) -> dict[str, int]:
+    """Counts for the benchmark's cost table (MACs per sample, batch 1).
+
+    The denoiser runs at the student map's size when `at_student_size` (DSKD, in either space),
+    else at the size of the model whose width it has (DiffKD: the teacher's).
+    """
+    from dskd.models import count_macs
+
+    assert distiller.teacher is not None
+    c, h, w = costs.feature_shape(feature_model, input_size, in_chans)
+    first = next(denoiser.parameters())
+    probe = torch.zeros(1, denoiser.channels, h, w, device=first.device, dtype=first.dtype)
+    if c != denoiser.channels and not at_student_size:  # DiffKD's denoiser lives at the teacher's size
+        _, h, w = costs.feature_shape(distiller.teacher, input_size, in_chans)
+        probe = torch.zeros(1, denoiser.channels, h, w, device=first.device, dtype=first.dtype)
+    denoiser_macs = costs.module_macs(denoiser, probe, 0)
+    return {
+        "training_only_params": distiller.count_training_only_params(),
+        "denoiser_params": costs.params(denoiser),
+        "denoiser_macs_per_call": denoiser_macs,
+        "denoiser_calls_per_step": calls,
+        "denoiser_macs_per_step": denoiser_macs * calls,
+        "teacher_params": costs.params(distiller.teacher),
+        "teacher_macs": count_macs(distiller.teacher, input_size, in_chans),
+        "student_macs": count_macs(distiller.student, input_size, in_chans),
+    }

@@ -24,17 +24,32 @@ import torch
 import torch.nn.functional as F
 
 from dskd.errors import UserError
-from dskd.methods import costs
 from dskd.methods.adapter import ConvAdapter, match_spatial
 from dskd.methods.base import Distiller, ramp
+from dskd.methods.cpu_memory import keep_freed_memory
 from dskd.methods.denoiser import Denoiser
-from dskd.methods.diffusion_branch import FeatureStats, ddim_invert
+from dskd.methods.diffusion_branch import (
+    FeatureStats,
+    ddim_invert,
+    diffusion_cost_report,
+    gaussian_like,
+    global_pool,
+    masked_mse,
+)
+from dskd.methods.dskd_options import (
+    DIFFUSION_OPTIONS,
+    DSKD_OPTIONS,
+    V1_OPTIONS,
+    check_diffusion_options,
+    check_dskd_options,
+)
 from dskd.methods.guidance import (
     GuideWeights,
     HeadWeights,
     guidance_gradient_closed_form,
     has_pooled_linear_head,
     head_gradient_closed_form,
+    head_gradient_pooled,
 )
 from dskd.methods.losses import ce_loss, kd_loss, soft_target_log_likelihood
 from dskd.methods.lsh import LSHHash
@@ -42,36 +57,9 @@ from dskd.methods.options import Opt
 from dskd.methods.registry import register_method
 from dskd.methods.schedule import DiffusionSchedule
 
-_W = {"low": 0.0}
-
-DIFFUSION_OPTIONS: dict[str, Opt] = {
-    "t0": Opt(400, int, "SDEdit start step of the denoising chain", low=0),
-    "steps": Opt(5, int, "DDIM steps from t0 to 0", low=1, high=1000),
-    "num_train_timesteps": Opt(1000, int, "DDPM steps", low=2),
-    "beta_start": Opt(1e-4, float, "first DDPM beta", low=1e-8, high=0.5),
-    "beta_end": Opt(0.02, float, "last DDPM beta", low=1e-8, high=0.999),
-}
-
-
-def check_diffusion_options(method: str, options: dict) -> None:
-    """Cross-option checks the per-option ranges cannot express."""
-    if options["t0"] >= options["num_train_timesteps"]:
-        raise UserError(
-            f"option {method}.t0={options['t0']} must be below {method}.num_train_timesteps="
-            f"{options['num_train_timesteps']}"
-        )
-    if options["beta_start"] > options["beta_end"]:
-        raise UserError(f"option {method}.beta_start must not exceed {method}.beta_end")
-
-
-# Options that give back the v1 reconstruction (before issue 14): student-space diffusion of sg(f_s),
-# the original timestep conditioning and BatchNorm denoiser, no feature scaling, random hash planes,
-# the feature loss from the first step. Combine with the benchmark's tuned v1 values
-# (lsh_on, t0, guidance_scale, detach_adapter_input) to reproduce the old table's rows.
-V1_OPTIONS: dict[str, object] = {
-    "diffusion_space": "student", "x0_source": "self", "denoiser_time": "add", "denoiser_norm": "batch",
-    "feature_norm": False, "lsh_head_planes": False, "feature_start": 0.0,
-}
+# Public names other modules (the DiffKD baseline, benches, tests) import from here.
+__all__ = ["DIFFUSION_OPTIONS", "DSKD", "V1_OPTIONS", "check_diffusion_options", "diffusion_cost_report",
+           "gaussian_like", "global_pool", "masked_mse"]
 
 
 @register_method
@@ -87,75 +75,12 @@ class DSKD(Distiller):
     """
 
     name = "dskd"
-    OPTIONS: ClassVar[dict[str, Opt]] = {
-        # 1000: in the teacher's scaled space guidance at s = 100 moves f̂ ~5× less than v1's did at s = 100;
-        # the probes (bench/results/dskd_probes.json) find teacher signal in f̂ at 1000, hardly at 100
-        "guidance_scale": Opt(1000.0, float, "classifier-guidance scale s (0 = unguided)", **_W),
-        "guidance_target": Opt("label", str, "what guidance pulls towards", choices=("label", "soft", "mix")),
-        "guidance_mix": Opt(0.5, float, "label share of the 'mix' target", low=0.0, high=1.0),
-        "guidance_form": Opt("gradient", str, "classifier-gradient or loss guidance (v1's loss form, "
-                             "weight = guidance_scale)", choices=("gradient", "loss")),
-        "guidance_impl": Opt("auto", str, "gradient guidance: closed form when the teacher head is pool+linear "
-                             "(auto) or autograd (the general path; same result)", choices=("auto", "autograd")),
-        "capture": Opt("off", str, "torch.compile the sampling chain (reduce-overhead = CUDA graphs on CUDA; "
-                       "default mode elsewhere); falls back to eager if compiling fails",
-                       choices=("off", "compile")),
-        **DIFFUSION_OPTIONS,
-        "t0": Opt(100, int, "SDEdit start step of the denoising chain", low=0),
-        "diffusion_space": Opt("teacher", str, "where the denoiser works: the teacher's feature space (the "
-                               "student's features reach it through the adapter) or the student's",
-                               choices=("teacher", "student")),
-        "x0_source": Opt("teacher", str, "whose features the denoiser learns: the teacher's (in student space: "
-                         "their adapter-inverse) or the student's own (self)", choices=("self", "teacher")),
-        "feature_norm": Opt(True, bool, "diffuse (f − μ)/σ with running per-channel statistics of the "
-                            "denoiser's training features (unit scale next to the unit noise)"),
-        "denoiser_time": Opt("film", str, "timestep conditioning: add before the first norm (v1; a BatchNorm "
-                             "removes it for a one-t batch) or film (scale/shift after each norm)",
-                             choices=("add", "film")),
-        "denoiser_norm": Opt("group", str, "denoiser norms: group (per-sample statistics, the same in train "
-                             "and eval mode) or batch (v1)", choices=("group", "batch")),
-        "target_mode": Opt("sample", str, "the feature-loss target: sample = f̂ itself; cancel = start + "
-                           "f̂ − f̂(s=0) on shared noise (only what guidance changed); invert = DDIM "
-                           "inversion to t0 instead of random noise, then guided DDIM",
-                           choices=("sample", "cancel", "invert")),
-        "loss_guidance": Opt(0.0, float, "weight of CE(teacher head on f̂, target) back-propagated through "
-                             "the chain into the denoiser (small-scale loss guidance; 0 = off)", **_W),
-        "feature_start": Opt(0.1, float, "fraction of training with the feature loss off (the denoiser "
-                             "pre-trains on L_diff alone; the hash bias is set after it)", low=0.0, high=1.0),
-        "lsh_bits": Opt(None, int, "random hash bits (None = 4 × the width of the diffusion space)",
-                        nullable=True, low=1),
-        "lsh_head_planes": Opt(True, bool, "add the teacher head's class directions as hash planes "
-                               "(teacher space only), so the hash sees what guidance changed"),
-        "lsh_soft": Opt(0.0, float, "soft hash targets sigmoid(projection/lsh_soft) (0 = hard bits)", **_W),
-        "lsh_on": Opt("pooled", str, "feature loss per position or on the pooled vector",
-                      choices=("spatial", "pooled")),
-        "lsh_std": Opt(1.0, float, "std of the random projection", low=1e-8),
-        "lsh_bias_batches": Opt(20, int, "batches whose medians set the hash bias", low=1),
-        "lsh_bias_momentum": Opt(None, float, "then keep tracking the median by EMA (None = freeze)",
-                                 nullable=True, low=0.0, high=1.0),
-        "lsh_correct_only": Opt(False, bool, "feature loss only on samples the teacher gets right"),
-        "feature_loss": Opt("lsh", str, "feature loss (mse = ablation)", choices=("lsh", "mse")),
-        "feature_mse": Opt(0.0, float, "μ: extra MSE between the student's view and f̂ (LSHFM's L2 term)", **_W),
-        "detach_adapter_input": Opt(False, bool, "L_adapt trains the adapter only (on sg(f_s))"),
-        "alpha_kd": Opt(1.0, float, "logit KD weight α", **_W),
-        "tau": Opt(4.0, float, "temperature of KD and L_adapt", low=1e-3),
-        "w_ce": Opt(1.0, float, "cross-entropy weight", **_W),
-        "w_diff": Opt(1.0, float, "diffusion loss weight", **_W),
-        "w_adapt": Opt(1.0, float, "adapter loss weight", **_W),
-        "w_lsh": Opt(6.0, float, "feature loss weight λ_lsh", **_W),
-        "lsh_warmup": Opt(0.1, float, "fraction of training to ramp λ_lsh in (after feature_start)",
-                          low=0.0, high=1.0),
-    }
+    OPTIONS: ClassVar[dict[str, Opt]] = DSKD_OPTIONS
 
     def __init__(self, student, teacher, options) -> None:  # type: ignore[no-untyped-def]
         super().__init__(student, teacher, options)
         o = self.options
-        check_diffusion_options(self.name, o)
-        if o["lsh_head_planes"] and o["diffusion_space"] != "teacher" and o["feature_loss"] == "lsh":
-            raise UserError(
-                f"option {self.name}.lsh_head_planes=true needs {self.name}.diffusion_space=\"teacher\" "
-                "(the head's class directions live in the teacher's feature space); set lsh_head_planes=false"
-            )
+        check_dskd_options(self.name, o)
         c_s, c_t = int(student.num_features), int(teacher.num_features)
         self.teacher_space = o["diffusion_space"] == "teacher"
         width = c_t if self.teacher_space else c_s
@@ -224,20 +149,25 @@ class DSKD(Distiller):
             (grad,) = torch.autograd.grad(objective, inputs=[xg])
         return grad
 
-    def _closed_form_guide(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """∇_{x̂0} of the guide's objective in diffusion coordinates, no autograd (pool+linear head)."""
+    def _closed_form_guide(self) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                          HeadWeights | None]:
+        """∇_{x̂0} of the guide's objective in diffusion coordinates, no autograd (pool+linear head).
+
+        Also the head's weights when the guide reads the teacher head directly (teacher space):
+        then only mean_hw x̂0 matters and the chain need not build x̂0 (`_guide_in_place`).
+        """
         assert self.teacher is not None
         stats = self.feature_stats
         scale = stats.scale()
         if self.teacher_space:
             hw = HeadWeights.read(self.teacher.fc, scale, stats.mean if scale is not None else None)
-            return lambda x0, target, tsum: head_gradient_closed_form(x0, target, hw, tsum)
+            return (lambda x0, target, tsum: head_gradient_closed_form(x0, target, hw, tsum)), hw
         gw = GuideWeights.read(self.adapter, self.teacher.fc)
         if scale is None:
-            return lambda x0, target, tsum: guidance_gradient_closed_form(x0, target, gw, tsum)
+            return (lambda x0, target, tsum: guidance_gradient_closed_form(x0, target, gw, tsum)), None
         sv = scale.detach().float().view(1, -1, 1, 1)
-        return lambda x0, target, tsum: guidance_gradient_closed_form(
-            stats.denormalise(x0), target, gw, tsum).mul(sv)
+        return (lambda x0, target, tsum: guidance_gradient_closed_form(
+            stats.denormalise(x0), target, gw, tsum).mul(sv)), None
 
     def _guided_eps(self, x: torch.Tensor, eps: torch.Tensor, t: int, target: torch.Tensor, scale: float,
                     closed: Callable | None, target_sum: torch.Tensor | None) -> torch.Tensor:
@@ -253,24 +183,54 @@ class DSKD(Distiller):
         # ε̂ = ε − s·√(1−ᾱ)·∇_{x_t}, and ∇_{x_t} = ∇_{x̂0} / √ᾱ
         return torch.add(eps, grad, alpha=-scale * s1a / sa)
 
+    def _guide_in_place(self, x: torch.Tensor, eps: torch.Tensor, t: int, target: torch.Tensor, scale: float,
+                        closed: Callable, head: HeadWeights | None, target_sum: torch.Tensor) -> torch.Tensor:
+        """`_guided_eps` (closed form) written into `eps` (no graph): for the head guide from pooled maps.
+
+        mean_hw x̂0 = (mean_hw x_t − √(1−ᾱ)·mean_hw ε)/√ᾱ, so two poolings replace x̂0, and the
+        gradient, the same at every position, is one broadcast subtraction (issue 15).
+        """
+        a = self.schedule.alpha_bar_value(t)
+        sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if head is None:
+                grad = closed(torch.add(x, eps, alpha=-s1a).mul_(1.0 / sa), target, target_sum)
+                return eps.add_(grad, alpha=-scale * s1a / sa)
+            pooled = torch.sub(global_pool(x), global_pool(eps), alpha=s1a).mul_(1.0 / sa)
+            g = head_gradient_pooled(pooled, target, head, target_sum)
+            g = g.mul_(scale * s1a / sa / (x.shape[-2] * x.shape[-1]))
+            return eps.sub_(g.view(*g.shape, 1, 1))
+
     def descend(self, x: torch.Tensor, target: torch.Tensor, scale: float, with_grad: bool = False) -> torch.Tensor:
         """Guided DDIM from x_{t0} to the clean end, in diffusion coordinates.
 
         Without `with_grad` nothing is recorded (no autograd at all on the closed-form path: static
-        shapes, no host reads, so `capture = "compile"` can capture it). With it, the denoiser's
-        calls stay in the graph (loss guidance trains the denoiser through the chain); the guidance
-        gradient itself is always a constant.
+        shapes, no host reads, so `capture = "compile"` can capture it), and each step updates
+        its own tensors in place. With it, the denoiser's calls stay in the graph (loss guidance
+        trains the denoiser through the chain); the guidance gradient itself is always a constant.
         """
         o = self.options
-        closed = self._closed_form_guide() if scale > 0 and self.closed_form_guidance else None
+        closed, head = self._closed_form_guide() if scale > 0 and self.closed_form_guidance else (None, None)
         target_sum = target.sum(dim=1, keepdim=True) if scale > 0 else None
-        for t, t_prev in self.schedule.sampling_timesteps(o["t0"], o["steps"]):
-            with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        steps = self.schedule.sampling_timesteps(o["t0"], o["steps"])
+        if with_grad and torch.is_grad_enabled():
+            for t, t_prev in steps:
                 eps = self.denoiser(x, t).float()
-            if scale > 0:
-                eps = self._guided_eps(x, eps, t, target, scale, closed, target_sum)
-            with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+                if scale > 0:
+                    eps = self._guided_eps(x, eps, t, target, scale, closed, target_sum)
                 x = self.schedule.step(eps, t, t_prev, x)
+            return x
+        with torch.no_grad():
+            x = x.float()
+            for t, t_prev in steps:
+                eps = self.denoiser(x, t).float()  # a fresh tensor: the step may write into it
+                if scale > 0 and closed is not None:
+                    assert target_sum is not None
+                    eps = self._guide_in_place(x, eps, t, target, scale, closed, head, target_sum)
+                elif scale > 0:
+                    eps = self._guided_eps(x, eps, t, target, scale, None, None)
+                c_x, c_eps = self.schedule.ddim_coefficients(t, t_prev)
+                x = eps.mul_(c_eps).add_(x, alpha=c_x)  # DDIM: c_x·x_t + c_ε·ε̂, in ε̂'s buffer
         return x
 
     def sample_chain(self, start: torch.Tensor, noise: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
@@ -379,6 +339,8 @@ class DSKD(Distiller):
         self, x: torch.Tensor, y: torch.Tensor, progress: float = 1.0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.options
+        if self.training and x.device.type == "cpu":
+            keep_freed_memory()  # the chain's temporaries would fault in fresh pages every step (cpu_memory)
         z_t, f_t = self.teacher_outputs(x)
         z_s, f_s = self.student_outputs(x)
         losses: dict[str, torch.Tensor] = {"ce": o["w_ce"] * ce_loss(z_s, y)}
@@ -441,62 +403,3 @@ class DSKD(Distiller):
             self, self.denoiser, self.student, input_size, in_chans, calls=1 + chains * o["steps"],
             at_student_size=True,
         )
-
-
-def gaussian_like(x: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) noise shaped like `x`, drawn in the default (contiguous) layout.
-
-    torch.randn_like keeps a channels-last layout and then fills element by element, ~10×
-    slower on CPU than a contiguous draw; the distribution is the same.
-    """
-    return torch.randn(x.shape, dtype=x.dtype, device=x.device)
-
-
-def global_pool(f: torch.Tensor) -> torch.Tensor:
-    """Mean over positions, B×C×H×W → B×C (adaptive pooling: fast on channels-last maps)."""
-    return F.adaptive_avg_pool2d(f, 1).flatten(1)
-
-
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per sample, averaged over the samples `mask` keeps (all if None)."""
-    per_sample = (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
-    if mask is None:
-        return per_sample.mean()
-    w = mask.to(per_sample.dtype)
-    return (per_sample * w).sum() / w.sum().clamp(min=1.0)
-
-
-def diffusion_cost_report(
-    distiller: Distiller,
-    denoiser: Denoiser,
-    feature_model: torch.nn.Module,
-    input_size: int,
-    in_chans: int,
-    calls: int,
-    at_student_size: bool = False,
-) -> dict[str, int]:
-    """Counts for the benchmark's cost table (MACs per sample, batch 1).
-
-    The denoiser runs at the student map's size when `at_student_size` (DSKD, in either space),
-    else at the size of the model whose width it has (DiffKD: the teacher's).
-    """
-    from dskd.models import count_macs
-
-    assert distiller.teacher is not None
-    c, h, w = costs.feature_shape(feature_model, input_size, in_chans)
-    first = next(denoiser.parameters())
-    probe = torch.zeros(1, denoiser.channels, h, w, device=first.device, dtype=first.dtype)
-    if c != denoiser.channels and not at_student_size:  # DiffKD's denoiser lives at the teacher's size
-        _, h, w = costs.feature_shape(distiller.teacher, input_size, in_chans)
-        probe = torch.zeros(1, denoiser.channels, h, w, device=first.device, dtype=first.dtype)
-    denoiser_macs = costs.module_macs(denoiser, probe, 0)
-    return {
-        "training_only_params": distiller.count_training_only_params(),
-        "denoiser_params": costs.params(denoiser),
-        "denoiser_macs_per_call": denoiser_macs,
-        "denoiser_calls_per_step": calls,
-        "denoiser_macs_per_step": denoiser_macs * calls,
-        "teacher_params": costs.params(distiller.teacher),
-        "teacher_macs": count_macs(distiller.teacher, input_size, in_chans),
-        "student_macs": count_macs(distiller.student, input_size, in_chans),
-    }

@@ -178,8 +178,10 @@ class LSHFM(Distiller):
         o = self.options
         z_t, f_t = self.teacher_outputs(x)
         z_s, f_s = self.student_outputs(x)
-        g_t = f_t.float().mean(dim=(2, 3))
-        g_s = self.projection(f_s.mean(dim=(2, 3)))
+        # The models' own pooling (timm's pre_logits), so the hash sees what each head sees.
+        assert self.teacher is not None
+        g_t = self.teacher.forward_head(f_t.float(), pre_logits=True)
+        g_s = self.projection(self.student.forward_head(f_s, pre_logits=True))
         mask = (z_t.argmax(dim=1) == y) if o["lsh_correct_only"] else None
         self._observe(g_t)
         losses = {"ce": o["w_ce"] * ce_loss(z_s, y), "lsh": o["w_lsh"] * self.lsh.loss(g_s, g_t, mask)}

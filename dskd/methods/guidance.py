@@ -134,13 +134,21 @@ def head_gradient_closed_form(
     diffusion runs in the teacher's feature space and the teacher head reads it directly.
     """
     hw = x0_hat.shape[-2] * x0_hat.shape[-1]
-    pooled = F.adaptive_avg_pool2d(x0_hat, 1).flatten(1)
+    g = head_gradient_pooled(F.adaptive_avg_pool2d(x0_hat, 1).flatten(1), target, w, target_sum) * (1.0 / hw)
+    return g.view(*g.shape, 1, 1).expand_as(x0_hat)
+
+
+def head_gradient_pooled(
+    pooled: torch.Tensor, target: torch.Tensor, w: HeadWeights, target_sum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """σ ⊙ (π − p·Σπ)·W (B×C) from the pooled x̂0 alone: HW × the gradient at any one position.
+
+    All the head sees of x̂0 is its mean over positions, so the DDIM chain can pool x_t and ε
+    (mean_hw x̂0 = (mean x_t − √(1−ᾱ)·mean ε)/√ᾱ) and never build x̂0 itself (issue 15).
+    """
     if w.scale is not None:
         pooled = torch.addcmul(w.shift, pooled, w.scale) if w.shift is not None else pooled * w.scale
     p = torch.softmax(F.linear(pooled, w.fc_w, w.fc_b), dim=1)
     s = target.sum(dim=1, keepdim=True) if target_sum is None else target_sum
     g = (target - p * s) @ w.fc_w  # B×C
-    if w.scale is not None:
-        g = g * w.scale
-    g = g * (1.0 / hw)
-    return g.view(*g.shape, 1, 1).expand_as(x0_hat)
+    return g * w.scale if w.scale is not None else g

@@ -5,7 +5,8 @@ real TensorRT, torch-tensorrt or Jetson hardware, only about our code around the
 
 - `trt_runtime`: FAKE `tensorrt` + `pycuda` python packages (numpy underneath);
 - `trtexec`: FAKE `trtexec` executables (engine build, measurement, argument recorder);
-- `torch_trt`: FAKE `torch_tensorrt`, `tensorrt` (version only) and ModelOpt packages;
+- `torch_trt`: FAKE `torch_tensorrt` (build, save and the runner's `load`), `tensorrt` (version
+  only) and ModelOpt packages;
 - `jetson`: a FAKE Jetson file system with FAKE `nvpmodel` / `jetson_clocks` / `trtexec`;
 - `device`: the shared set-up of the device tests (a REAL loopback sshd, the FAKE tools above).
 """

@@ -1,4 +1,5 @@
-"""FAKE torch_tensorrt, tensorrt and modelopt packages (NOT NVIDIA's) for the torch-tensorrt builder.
+"""FAKE torch_tensorrt, tensorrt and modelopt packages (NOT NVIDIA's) for the torch-tensorrt builder
+and the runner's `.ep` measurement (`torch_tensorrt.load`).
 
 They run on this CPU machine with the REAL torch: the build script's torch.export runs for real,
 and the FAKE `convert_exported_program_to_serialized_trt_engine` checks what it was given (an

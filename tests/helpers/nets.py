@@ -28,8 +28,9 @@ class TinyNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1))
+    def forward_head(self, f: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(f, 1).flatten(1)  # pre_logits: the pooled vector (zoo/timm convention)
+        return pooled if pre_logits else self.fc(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

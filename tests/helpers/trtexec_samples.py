@@ -6,22 +6,24 @@ trtexec of the `fake_gpu` fixture (tests/conftest.py), so both agree on one samp
 
 from __future__ import annotations
 
+
 # --- CONSTRUCTED samples (format of trtexec 8.6/10; values invented) -----------------
+def _query(start: float, h2d: float, compute: float, d2h: float) -> dict[str, float]:
+    """One --exportTimes entry: enqueue 0.1 ms from `start`, then H2D, compute, D2H back to back
+    (compute starts when enqueue ends); latencyMs = the three, endToEndMs = start to end of D2H."""
+    t = {"startEnqMs": start, "endEnqMs": start + 0.1, "startH2dMs": start, "endH2dMs": start + h2d,
+         "startComputeMs": start + 0.1, "endComputeMs": start + 0.1 + compute}
+    t.update(startD2hMs=t["endComputeMs"], endD2hMs=t["endComputeMs"] + d2h, h2dMs=h2d, computeMs=compute,
+             d2hMs=d2h, latencyMs=h2d + compute + d2h, endToEndMs=t["endComputeMs"] + d2h - start)
+    return {k: round(v, 6) for k, v in t.items()}
+
+
 EXPORT_TIMES = [
-    # warm-up query: compute starts before --warmUp=200 ms, so it is dropped
-    {"startEnqMs": 10.0, "endEnqMs": 10.1, "startH2dMs": 10.0, "endH2dMs": 10.05, "startComputeMs": 10.1,
-     "endComputeMs": 10.6, "startD2hMs": 10.6, "endD2hMs": 10.62, "h2dMs": 0.05, "computeMs": 0.5,
-     "d2hMs": 0.02, "latencyMs": 0.57, "endToEndMs": 0.62},
-    {"startEnqMs": 201.0, "endEnqMs": 201.1, "startH2dMs": 201.0, "endH2dMs": 201.04, "startComputeMs": 201.1,
-     "endComputeMs": 201.5, "startD2hMs": 201.5, "endD2hMs": 201.52, "h2dMs": 0.04, "computeMs": 0.4,
-     "d2hMs": 0.02, "latencyMs": 0.46, "endToEndMs": 0.52},
-    {"startEnqMs": 202.0, "endEnqMs": 202.1, "startH2dMs": 202.0, "endH2dMs": 202.05, "startComputeMs": 202.1,
-     "endComputeMs": 202.6, "startD2hMs": 202.6, "endD2hMs": 202.63, "h2dMs": 0.05, "computeMs": 0.5,
-     "d2hMs": 0.03, "latencyMs": 0.58, "endToEndMs": 0.63},
-    {"startEnqMs": 203.0, "endEnqMs": 203.1, "startH2dMs": 203.0, "endH2dMs": 203.06, "startComputeMs": 203.1,
-     "endComputeMs": 203.7, "startD2hMs": 203.7, "endD2hMs": 203.72, "h2dMs": 0.06, "computeMs": 0.6,
-     "d2hMs": 0.02, "latencyMs": 0.68, "endToEndMs": 0.72},
-]  # fmt: skip
+    _query(10.0, 0.05, 0.5, 0.02),  # warm-up query: compute starts before --warmUp=200 ms, so it is dropped
+    _query(201.0, 0.04, 0.4, 0.02),
+    _query(202.0, 0.05, 0.5, 0.03),
+    _query(203.0, 0.06, 0.6, 0.02),
+]
 
 # Older trtexec (7.x) named the transfers In/Out and had no latencyMs derivation change.
 EXPORT_TIMES_OLD = [{"startInMs": 300.0, "endInMs": 300.1, "startComputeMs": 300.1, "endComputeMs": 300.9,

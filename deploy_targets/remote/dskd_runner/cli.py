@@ -19,6 +19,7 @@ from typing import Any
 from .backends import load_backend, require_modules
 from .environment import environment, pin_cpus, resolve_threads
 from .evaluation import evaluate, latency_images, load_eval
+from .pairing import pair_rounds
 from .preprocess import preprocess_record, read_image
 from .protocol import (
     ERROR_PREFIX,
@@ -57,6 +58,9 @@ class RunConfig:
     hint: str = "latency"
     streams: int = 0  # throughput mode's streams; 0 = the runtime's choice for the hint
     image_path: str | None = None  # an encoded image for the pre-processing timing
+    pair_with: str | None = None  # a baseline artifact: time paired rounds (pairing.py) instead
+    pair_rounds: int = 0
+    pair_start: int = 0
 
 
 def file_sha256(path: str) -> str:
@@ -101,11 +105,17 @@ def _check(cfg: RunConfig) -> None:
         raise RunnerError("usage", f"--hint {cfg.hint!r}: choose {', '.join(HINTS)}", EXIT_USAGE)
     if cfg.streams < 0:
         raise RunnerError("usage", "--streams must be >= 0 (0: the runtime's choice)", EXIT_USAGE)
+    if cfg.pair_with is not None and (cfg.pair_rounds < 1 or cfg.pair_start < 0):
+        raise RunnerError("usage", "--pair-with needs --pair-rounds >= 1 and --pair-start >= 0", EXIT_USAGE)
+    if cfg.pair_with is not None and not os.path.isfile(cfg.pair_with):
+        raise RunnerError("bad-input", f"--pair-with {cfg.pair_with}: no such file", EXIT_BAD_INPUT)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Load, measure every batch size, evaluate accuracy; return the result record."""
     _check(cfg)
+    if cfg.pair_with is not None:
+        return run_pair(cfg)
     ev = load_eval(cfg.eval_path) if cfg.eval_path else None
     image = read_image(cfg.image_path) if cfg.image_path else None
     threads, threads_policy = resolve_threads(cfg.threads)
@@ -176,6 +186,38 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def run_pair(cfg: RunConfig) -> dict[str, Any]:
+    """Paired rounds of the artifact (candidate) and --pair-with (baseline), batch size 1.
+
+    The record is the usual one with `pair` added; `latency` holds the candidate's last round
+    (no accuracy, throughput or pre-processing: a pair run only compares latency)."""
+    threads, threads_policy = resolve_threads(cfg.threads)
+    cand = load_backend(cfg.runtime, cfg.artifact, cfg.precision, threads)
+    base = None
+    try:
+        base = load_backend(cfg.runtime, cfg.pair_with or "", cfg.precision, threads)
+        ev = load_eval(cfg.eval_path) if cfg.eval_path else None
+        images = latency_images(cand, ev, cfg.input_shape)
+        rounds = pair_rounds(cand, base, images, cfg.protocol, cfg.pair_rounds, cfg.pair_start)
+        env = environment(cand, threads)
+        runtime_config = dict(cand.run_config(), threads_policy=threads_policy)
+    finally:
+        for backend in (cand, base):
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+    last = dict(rounds[-1]["candidate"], batch_size=1)
+    return {
+        "format": RESULT_FORMAT, "runner_version": RUNNER_VERSION, "runtime": cfg.runtime,
+        "precision": cfg.precision, "artifact": os.path.basename(cfg.artifact),
+        "artifact_sha256": file_sha256(cfg.artifact), "threads": threads,
+        "runtime_config": runtime_config, "protocol": cfg.protocol.to_dict(), "latency": [last],
+        "throughput": None, "preprocess": None, "accuracy": None, "environment": env, "warnings": [],
+        "pair": {"baseline_artifact": os.path.basename(cfg.pair_with or ""),
+                 "baseline_sha256": file_sha256(cfg.pair_with or ""), "rounds": rounds},
+    }  # fmt: skip
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -223,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a key left out keeps its default)")
     p.add_argument("--trtexec", default=None, help="time TensorRT engines with this trtexec binary")
     p.add_argument("--timeout", type=float, default=600.0, help="bound for child tools (trtexec)")
+    p.add_argument("--pair-with", default=None,
+                   help="a baseline artifact: time paired rounds of both (batch 1) instead")
+    p.add_argument("--pair-rounds", type=int, default=6, help="paired rounds to time with --pair-with")
+    p.add_argument("--pair-start", type=int, default=0,
+                   help="index of the first round (even: candidate first), so chunks keep alternating")
     p.add_argument("--out", required=True, help="where to write the JSON result")
     p.add_argument("--debug-slowdown", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -266,6 +313,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         hint=args.hint,
         streams=args.streams,
         image_path=args.image_path,
+        pair_with=args.pair_with,
+        pair_rounds=args.pair_rounds,
+        pair_start=args.pair_start,
     )
 
 

@@ -19,7 +19,8 @@ from typing import Any
 RESULT_FORMAT = "dskd-measurement/1"
 # 3: the timing protocol travels as one JSON document (--protocol), not one flag per field;
 #    runtime "torch-tensorrt" (Torch-TensorRT ExportedProgram, .ep)
-RUNNER_VERSION = 3
+# 4: --pair-with: paired rounds of a candidate and its baseline in one process (pairing.py)
+RUNNER_VERSION = 4
 ERROR_PREFIX = "runner-error:"
 
 EXIT_OK = 0
