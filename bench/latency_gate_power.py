@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     state["machine"] = machine(state)
     gates = GateConfig(max_latency_regression=args.tolerance, regression_inconclusive=args.policy,
                        regression_budget_s=args.budget_s)
-    tc = TargetConfig()  # the recipe's default protocol, shortened for A/B rounds as the deploy stage does
-    protocol = Protocol(warmup_seconds=tc.warmup_seconds, **rs.round_protocol(tc.min_iters, tc.min_seconds))
+    protocol = round_protocol_of(TargetConfig().protocol())  # the recipe's default, shortened as the deploy stage does
     command = " ".join([".venv/bin/python", "bench/latency_gate_power.py", *(argv if argv is not None else sys.argv[1:])])
 
     def save(complete: bool = False) -> None:

@@ -92,6 +92,9 @@ class FormatSpec:
     bundle: BundleSpec | None = BundleSpec()  # None: never shipped in a bundle as a file
     exportable: bool = True  # False: made elsewhere (on the device), only recognised here
     preflight: Callable[[Any], str] | str | None = None
+    # formats this one is built from that must ship beside it (TensorRT INT8: the QDQ ONNX the
+    # device builds the engine from, also checked on this CPU)
+    built_from: tuple[str, ...] = ()
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -177,7 +180,7 @@ for _spec in (
     FormatSpec("tensorrt-int8", "int8", "tensorrt", "tensorrt/model.int8.engine", "trt-engine",
                "export.build_tensorrt:build_tensorrt", detect.TRT_ENGINE, _ENGINE_JSON, needs_calibration=True,
                description="TensorRT engine, INT8 from the QDQ ONNX (device-specific)", bundle=_TRT_BUNDLE,
-               preflight="export.build_tensorrt:tensorrt_preflight"),
+               preflight="export.build_tensorrt:tensorrt_preflight", built_from=("onnx-int8",)),
     # Made on the device by the torch-tensorrt builder's kit (export/torch_trt.py), measured there.
     *(FormatSpec(f"torch-trt-{p}", p, "torch-tensorrt", f"model.{p}.ep", "torch-trt-ep", None,
                  detect.torch_trt_program(p), exportable=False, bundle=None,

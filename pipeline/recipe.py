@@ -16,6 +16,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from deploy_targets.remote.dskd_runner.protocol import Protocol
 from dskd.errors import UserError
 from dskd.train_settings import (
     PRECISIONS,  # noqa: F401  (re-exported: the recipe's enums are the trainer's)
@@ -27,6 +28,11 @@ from dskd.train_settings import (
 )
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+# The deploy stage times artifacts with the runner's Protocol (its one declaration of the timing
+# fields), with longer defaults than the runner's own; PROTOCOL_KEYS are the Protocol fields a
+# recipe's [target] may set (same names), the rest keep the Protocol's values.
+RECIPE_PROTOCOL = Protocol(warmup_seconds=0.5, min_iters=200, min_seconds=2.0)
+PROTOCOL_KEYS = ("min_iters", "min_seconds", "warmup_seconds")
 DEFAULT_RECIPE = "digits-smoke"
 PERCENTILES = ("p50", "p90", "p99")
 
@@ -147,11 +153,15 @@ class TargetConfig:
     hint: str = recipe_key("", choices=("", "latency", "throughput"))  # "": the target's ("latency")
     streams: int = recipe_key(0, ge=0)  # throughput mode's parallel streams; 0: the runtime's choice
     batch_sizes: list[int] = recipe_key(factory=lambda: [1], check=_batch_sizes_ok)
-    min_iters: int = recipe_key(200, ge=1)
-    min_seconds: float = recipe_key(2.0, ge=0)
-    warmup_seconds: float = recipe_key(0.5, ge=0)
+    min_iters: int = recipe_key(RECIPE_PROTOCOL.min_iters, ge=1)
+    min_seconds: float = recipe_key(RECIPE_PROTOCOL.min_seconds, ge=0)
+    warmup_seconds: float = recipe_key(RECIPE_PROTOCOL.warmup_seconds, ge=0)
     timeout_s: float = recipe_key(900.0, gt=0)
     allow_unmeasured: bool = False
+
+    def protocol(self) -> Protocol:
+        """The runner's timing protocol for this target: RECIPE_PROTOCOL with this recipe's keys."""
+        return dataclasses.replace(RECIPE_PROTOCOL, **{k: getattr(self, k) for k in PROTOCOL_KEYS})
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pipeline.artifact_result import (
     as_results,
     results_from_stage,
 )
+from pipeline.recipe import PROTOCOL_KEYS
 from pipeline.stage import STAGE_FILE, RunContext, Stage, stable_hash
 
 CPU_REFERENCE_TARGET = "cpu"
@@ -88,15 +89,15 @@ def _export_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- optimize: the target's formats
 def target_formats(ctx: RunContext) -> list[str]:
-    """Export formats the target ships, plus the QDQ INT8 ONNX that TensorRT INT8 builds from."""
-    if ctx.recipe.export.formats:  # the export stage builds the FP32 ONNX: listing it again would duplicate it
-        from export.formats import resolve_formats
+    """Export formats the target ships, plus those they are built from (export.formats `built_from`:
+    the QDQ INT8 ONNX a TensorRT INT8 engine is built from on the device, checked on CPU here)."""
+    from export.formats import FORMATS, resolve_formats
 
+    if ctx.recipe.export.formats:  # the export stage builds the FP32 ONNX: listing it again would duplicate it
         return [s.name for s in resolve_formats(ctx.recipe.export.formats) if s.name != "onnx"]
     tgt = _target(ctx)
     names = [tgt.export_format(p) for p in tgt.precisions]
-    if tgt.runtime == "tensorrt" and "onnx-int8" not in names:
-        names.append("onnx-int8")  # shipped to the device for the INT8 engine, and checked on CPU here
+    names += [src for n in list(names) for src in FORMATS[n].built_from if src not in names]
     return [n for n in names if n != "onnx"]
 
 
@@ -121,8 +122,8 @@ def _optimize_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- deploy: measure on the target
 def _deploy_config(ctx: RunContext) -> dict[str, Any]:
     t = ctx.recipe.target
-    cfg = {k: getattr(t, k) for k in ("name", "device", "python", "trtexec", "threads", "batch_sizes", "min_iters",
-                                       "min_seconds", "warmup_seconds")}
+    cfg = {k: getattr(t, k) for k in ("name", "device", "python", "trtexec", "threads", "batch_sizes",
+                                       *PROTOCOL_KEYS)}
     base = ctx.options.get("baseline_report")
     cfg["baseline"] = stable_hash(base) if base else None
     if ctx.recipe.export.trt_builder != "onnx":  # (the default keeps the cache keys it had)
@@ -167,10 +168,7 @@ def write_eval_set(ctx: RunContext, folder: Path) -> Path:
 
 
 def _protocol(ctx: RunContext):
-    from deploy_targets.remote.runner import Protocol
-
-    t = ctx.recipe.target
-    return Protocol(warmup_seconds=t.warmup_seconds, min_iters=t.min_iters, min_seconds=t.min_seconds)
+    return ctx.recipe.target.protocol()
 
 
 def _measure(ctx: RunContext, path: Path, target_name: str, precision: str, eval_set: Path | None,
