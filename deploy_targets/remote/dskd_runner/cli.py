@@ -167,6 +167,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             close()
     if cfg.slowdown:
         warnings.append(f"debug slowdown {cfg.slowdown:g} active: latency is artificially inflated")
+    return _result(cfg, threads, runtime_config, env, latency, accuracy=accuracy, throughput=throughput,
+                   preprocess=preprocess, warnings=warnings)
+
+
+def _result(cfg: RunConfig, threads: int, runtime_config: dict[str, Any], env: dict[str, Any],
+            latency: list[dict[str, Any]], **parts: Any) -> dict[str, Any]:
+    """The result record (format RESULT_FORMAT) of one run; `parts` fill or add its optional keys
+    (accuracy, throughput, preprocess, warnings; `pair` for a paired run)."""
     return {
         "format": RESULT_FORMAT,
         "runner_version": RUNNER_VERSION,
@@ -178,11 +186,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "runtime_config": runtime_config,
         "protocol": cfg.protocol.to_dict(),
         "latency": latency,
-        "throughput": throughput,
-        "preprocess": preprocess,
-        "accuracy": accuracy,
+        "throughput": parts.pop("throughput", None),
+        "preprocess": parts.pop("preprocess", None),
+        "accuracy": parts.pop("accuracy", None),
         "environment": env,
-        "warnings": warnings,
+        "warnings": parts.pop("warnings", []),
+        **parts,
     }
 
 
@@ -207,15 +216,9 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             if close is not None:
                 close()
     last = dict(rounds[-1]["candidate"], batch_size=1)
-    return {
-        "format": RESULT_FORMAT, "runner_version": RUNNER_VERSION, "runtime": cfg.runtime,
-        "precision": cfg.precision, "artifact": os.path.basename(cfg.artifact),
-        "artifact_sha256": file_sha256(cfg.artifact), "threads": threads,
-        "runtime_config": runtime_config, "protocol": cfg.protocol.to_dict(), "latency": [last],
-        "throughput": None, "preprocess": None, "accuracy": None, "environment": env, "warnings": [],
-        "pair": {"baseline_artifact": os.path.basename(cfg.pair_with or ""),
-                 "baseline_sha256": file_sha256(cfg.pair_with or ""), "rounds": rounds},
-    }  # fmt: skip
+    pair = {"baseline_artifact": os.path.basename(cfg.pair_with or ""),
+            "baseline_sha256": file_sha256(cfg.pair_with or ""), "rounds": rounds}
+    return _result(cfg, threads, runtime_config, env, [last], pair=pair)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
