@@ -109,7 +109,7 @@ BUDGETS = {
                           batch=64, student_lr=0.02, seeds=(0,), precision="fp32", teacher_precision="bf16"),
 }
 # Budgets that reuse another budget's teacher (same teacher config) and its tuned picks.
-SHARES_WITH = {"cross": "default", "smoke_cross": "smoke"}
+SHARES_WITH = {"cross": "default", "long": "default", "smoke_cross": "smoke"}  # same teacher config and picks
 # Depthwise students (MobileNetV2, ShuffleNet) train at 1/5 of the lr the others get, as in RepDistiller/CRD
 # (0.01 vs 0.05) and mdistiller. Issue #14: at lr 0.1 the MobileNetV2 student's 1280-wide ReLU head died
 # within ~20 steps (≥95 % channels never active, CE stuck at ln 10) whenever a method's terms added about

@@ -57,8 +57,9 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "latency_gate_power.json"
 TARGETS = ("cpu", "intel-cpu")
 LEVELS = (0.05, 0.10, 0.20)
 AA = "A/A"
-FORMAT = 4  # 2: rounds kept by regression_stats.paired_usable; 3: k corrected on a clear interval;
-# 4: the gate's rounds are paired in one runner process (pipeline.latency_ab)
+FORMAT = 5  # 2: rounds kept by regression_stats.paired_usable; 3: k corrected on a clear interval;
+# 4: the gate's rounds are paired in one runner process (pipeline.latency_ab); 5: runner v5, the two
+# sides of a round interleaved in X Y Y X blocks (format-4 results: latency_gate_power_runner_v4.json)
 SIDE_SCALE = 1e-6  # the side branch's weight in the logits: tiny, but not zero (never optimized away)
 
 

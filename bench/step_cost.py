@@ -68,6 +68,8 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
     return [
         ("ce", "ce", {}), ("kd", "kd", {}), ("dkd", "dkd", {}), ("lshfm", "lshfm", {}),
         ("diffkd", "diffkd", {}), ("dskd", "dskd", dskd), ("dskd_nofeat", "dskd", {**dskd, "w_lsh": 0.0}),
+        # not shipped: the cheaper chain bench/dskd_steps_probe.py finds equivalent (issue 15 evidence)
+        ("dskd_steps3", "dskd", {**dskd, "steps": 3}),
     ]
 
 

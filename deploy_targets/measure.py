@@ -8,10 +8,12 @@ removed. Both paths run the same file, so the numbers are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -375,43 +377,87 @@ def _run_remote(
     timeout_s: float,
 ) -> dict:
     extras = [Path(p) for p in (eval_set, image) if p]
+    with remote_workdir(spec, ssh, {"": [*files, *extras]}, remote_python, remote_tmp) as device:
+        args = runner_args(
+            artifact=f"./{files[0].name}",  # ./: a name starting with '-' stays a file name
+            out=RESULT_NAME,
+            eval_path=f"./{Path(eval_set).name}" if eval_set else None,
+            image_path=f"./{Path(image).name}" if image else None,
+            **common,
+        )
+        return device.run_runner(args, timeout_s)
+
+
+@dataclass
+class RemoteWorkdir:
+    """The device's private temp folder with the runner and the uploads in it: the runner can
+    be run there several times (a paired A/B's chunks) without copying anything again."""
+
+    client: SshClient
+    workdir: str
+    remote_python: str  # as the user gave it (for the errors)
+
+    @property
+    def where(self) -> str:
+        return str(self.client.device)
+
+    def run_runner(self, args: list[str], timeout_s: float) -> dict:
+        """`python runner.py ARGS` in the folder under the device's `timeout` (its own kill
+        after TERM, and the ssh process's bound beyond that); the result it wrote, read here.
+        A result left by an earlier run is removed first, so it is never read twice."""
+        python = remote_python_command(self.remote_python)
+        run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"
+        limit = int(timeout_s) + 1
+        cmd = (
+            f"cd {shlex.quote(self.workdir)} && rm -f {RESULT_NAME} && "
+            f"if command -v timeout >/dev/null 2>&1; "
+            f"then exec timeout -k {KILL_GRACE_S} {limit} {run}; else exec {run}; fi"
+        )
+        res = self.client.run(cmd, timeout_s=limit + KILL_GRACE_S + SSH_MARGIN_S, what="the measurement")
+        if res.returncode != 0:
+            raise interpret_exit(self.where, res.returncode, res.stderr, self.remote_python, timeout_s)
+        with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
+            local = Path(tmp) / RESULT_NAME
+            self.client.download(f"{self.workdir}/{RESULT_NAME}", local, timeout_s=60)
+            return _read_result(local, self.where)
+
+
+@contextlib.contextmanager
+def remote_workdir(
+    spec: DeviceSpec,
+    ssh: SshOptions | None,
+    uploads: dict[str, list[Path]],
+    remote_python: str,
+    remote_tmp: str | None,
+) -> Iterator[RemoteWorkdir]:
+    """A private temp folder on the device holding the runner and `uploads` ({sub-folder: files},
+    "" = the folder itself), checked for room first, always removed afterwards.
+
+    Names must differ within a folder only: a paired A/B puts the baseline in a sub-folder, so
+    it may share its file names (model.onnx, model.xml + model.bin) with the candidate.
+    """
+    remote_python_command(remote_python)  # an empty python: one line, before any login
     with tempfile.TemporaryDirectory(prefix="dskd-runner-") as stage:  # runner.py + dskd_runner.zip
-        uploads = [*files, *extras, *remote.stage_runner(stage)]
-        names = [p.name for p in uploads]
-        if len(set(names)) != len(names):
-            raise UserError(
-                f"files to copy share a name ({', '.join(names)}): rename the artifact or eval set"
-            )
-        python = remote_python_command(remote_python)
+        folders = {"": [*uploads.get("", []), *remote.stage_runner(stage)],
+                   **{k: list(v) for k, v in uploads.items() if k}}
+        for paths in folders.values():
+            names = [p.name for p in paths]
+            if len(set(names)) != len(names):
+                raise UserError(
+                    f"files to copy share a name ({', '.join(names)}): rename the artifact or eval set"
+                )
         client = SshClient(spec, ssh)
         where = str(spec)
-        need_kib = sum(p.stat().st_size for p in uploads) // 1024 + 1024
-        with client.workdir(remote_tmp) as (workdir, free_kib):
+        need_kib = sum(p.stat().st_size for paths in folders.values() for p in paths) // 1024 + 1024
+        with client.workdir(remote_tmp, subdirs=[k for k in folders if k]) as (workdir, free_kib):
             if free_kib is not None and free_kib < need_kib:
                 raise DeviceError(
                     where,
                     f"disk full: {workdir} has {free_kib // 1024} MiB free, needs "
                     f"{need_kib // 1024 + 1} MiB: free space or choose another folder with remote_tmp (recipe target.remote_tmp)",
                 )
-            upload_timeout = 60 + need_kib / 1024 * 2  # >= 0.5 MiB/s
-            client.upload(uploads, workdir, timeout_s=upload_timeout)
-            args = runner_args(
-                artifact=f"./{files[0].name}",  # ./: a name starting with '-' stays a file name
-                out=RESULT_NAME,
-                eval_path=f"./{Path(eval_set).name}" if eval_set else None,
-                image_path=f"./{Path(image).name}" if image else None,
-                **common,
-            )
-            run = f"{python} runner.py {' '.join(shlex.quote(a) for a in args)}"
-            limit = int(timeout_s) + 1
-            cmd = (
-                f"cd {shlex.quote(workdir)} && if command -v timeout >/dev/null 2>&1; "
-                f"then exec timeout -k {KILL_GRACE_S} {limit} {run}; else exec {run}; fi"
-            )
-            res = client.run(cmd, timeout_s=limit + KILL_GRACE_S + SSH_MARGIN_S, what="the measurement")
-            if res.returncode != 0:
-                raise interpret_exit(where, res.returncode, res.stderr, remote_python, timeout_s)
-            with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
-                local = Path(tmp) / RESULT_NAME
-                client.download(f"{workdir}/{RESULT_NAME}", local, timeout_s=60)
-                return _read_result(local, where)
+            for sub, paths in folders.items():
+                size_kib = sum(p.stat().st_size for p in paths) // 1024
+                client.upload(paths, f"{workdir}/{sub}" if sub else workdir,
+                              timeout_s=60 + size_kib / 1024 * 2)  # >= 0.5 MiB/s
+            yield RemoteWorkdir(client, workdir, remote_python)

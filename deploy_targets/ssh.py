@@ -33,6 +33,7 @@ _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
 _IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 _SAFE_REMOTE_DIR = re.compile(r"/[A-Za-z0-9._/-]*dskd-bench\.[A-Za-z0-9]+")
 REMOTE_DIR_PREFIX = "dskd-bench."
+_SUBDIR = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _PLAIN_REMOTE_PATH = re.compile(r"(/[A-Za-z0-9._][A-Za-z0-9._-]*)+/?")
 
 
@@ -320,12 +321,15 @@ class SshClient:
 
     # -- private temp folder --------------------------------------------------------------
     def make_workdir(
-        self, base: str | None = None, *, timeout_s: float = 60.0
+        self, base: str | None = None, *, subdirs: Sequence[str] = (), timeout_s: float = 60.0
     ) -> tuple[str, int | None]:
-        """mktemp -d (0700) on the device; return (path, free KiB there or None)."""
+        """mktemp -d (0700) on the device, with `subdirs` made inside it in the same login (a
+        paired A/B puts the baseline in one, so files of the same name cannot collide);
+        return (path, free KiB there or None)."""
         base_expr = shlex.quote(base) if base else '"${TMPDIR:-/tmp}"'
+        inside = "".join(f' && mkdir -m 700 "$d"/{_subdir_name(s)}' for s in subdirs)
         cmd = (
-            f'umask 077 && d=$(mktemp -d {base_expr}/{REMOTE_DIR_PREFIX}XXXXXXXX) && chmod 700 "$d" '
+            f'umask 077 && d=$(mktemp -d {base_expr}/{REMOTE_DIR_PREFIX}XXXXXXXX) && chmod 700 "$d"{inside} '
             f'&& echo "DIR=$d" && (df -Pk "$d" 2>/dev/null | tail -n 1)'
         )
         result = self.run(cmd, timeout_s=timeout_s, what="creating a temp folder")
@@ -345,14 +349,21 @@ class SshClient:
 
     @contextlib.contextmanager
     def workdir(
-        self, base: str | None = None, *, timeout_s: float = 60.0
+        self, base: str | None = None, *, subdirs: Sequence[str] = (), timeout_s: float = 60.0
     ) -> Iterator[tuple[str, int | None]]:
-        """A private temp folder on the device that is always removed afterwards."""
-        path, free_kib = self.make_workdir(base, timeout_s=timeout_s)
+        """A private temp folder on the device (with `subdirs` in it) that is always removed afterwards."""
+        path, free_kib = self.make_workdir(base, subdirs=subdirs, timeout_s=timeout_s)
         try:
             yield path, free_kib
         finally:
             self.remove_workdir(path, timeout_s=timeout_s)
+
+
+def _subdir_name(name: str) -> str:
+    """A folder name we create inside the temp folder: plain, one level, never an option."""
+    if not _SUBDIR.fullmatch(name):
+        raise ValueError(f"temp sub-folder {name!r}: letters, digits, '.', '_', '-' only, not first")
+    return name
 
 
 def parse_workdir_output(

@@ -228,9 +228,14 @@ def suffix_help() -> str:
     return ", ".join(parts[:-1]) + f" or {parts[-1]}" if len(parts) > 1 else parts[0]
 
 
-def resolve_formats(names: Iterable[str] | str | None) -> list[FormatSpec]:
-    """Validate names (comma-separated strings allowed); unknown ones get the closest match."""
+def resolve_formats(names: Iterable[str] | str | None, flag: str = "--formats") -> list[FormatSpec]:
+    """Validate names (comma-separated strings allowed); unknown ones get the closest match.
+
+    `flag` starts each error (`--formats: ...`); "" for a recipe's `export.formats`, whose
+    caller names the key as the user gave it (file or --set), not a flag they never typed.
+    """
     known = exportable()
+    lead = f"{flag}: " if flag else ""
     if names is None:
         return [known[n] for n in DEFAULT_FORMATS if n in known]
     if isinstance(names, str):
@@ -248,10 +253,10 @@ def resolve_formats(names: Iterable[str] | str | None) -> list[FormatSpec]:
                 close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.4)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise UserError(
-                    f"--formats: unknown format '{name}': {hint}choose from {', '.join(known)}"
+                    f"{lead}unknown format '{name}': {hint}choose from {', '.join(known)}"
                 )
             wanted.append(name)
     if not wanted:
-        raise UserError(f"--formats: no format given; choose from {', '.join(known)}")
+        raise UserError(f"{lead}no format given; choose from {', '.join(known)}")
     order = list(known)
     return [known[n] for n in sorted(set(wanted), key=order.index)]

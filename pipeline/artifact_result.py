@@ -104,6 +104,25 @@ def _check(value: Any, tp: Any, where: str, strict: bool, nullable: bool = False
     raise _Problem(where, f"must be {_describe(tp)}{' or null' if nullable else ''}, got {_kind(value)}")
 
 
+def _in_bounds(value: Any, bounds: tuple[float, float | None, bool], where: str) -> None:
+    """A number (or each number of a list) within `bounds`, else _Problem naming `where`."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _in_bounds(v, bounds, f"{where}[{i}]")
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, open_low = bounds
+    if value < low or (open_low and value == low) or (high is not None and value > high):
+        want = (f"between {low:g} and {high:g}" if high is not None
+                else "greater than 0" if open_low and low == 0 else f"at least {low:g}")
+        raise _Problem(where, f"must be {want}, got {value!r}")
+
+
+_POSITIVE = (0.0, None, True)
+_NON_NEGATIVE = (0.0, None, False)
+_PERCENT = (0.0, 100.0, False)
+
 _FIELDS: dict[type, dict[str, Any]] = {}
 
 
@@ -117,6 +136,9 @@ class _JsonRecord:
     """
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    # {field: (lowest, highest, lowest excluded)}: a number outside is as wrong as a string there
+    # (a hand-edited p50 of -1 ms or top-1 of 150 % passed every gate before this check)
+    BOUNDS: ClassVar[dict[str, tuple[float, float | None, bool]]] = {}
     _keys: tuple[str, ...] | None
     _extra: dict[str, Any]
 
@@ -142,6 +164,8 @@ class _JsonRecord:
                     raise _Problem(path, "is missing")
                 continue
             values[name] = _check(obj[name], tp, path, strict)
+            if name in cls.BOUNDS:
+                _in_bounds(values[name], cls.BOUNDS[name], path)
         extra = {k: _json_value(v, f"{where}.{k}" if where else k) for k, v in obj.items() if k not in fields}
         return cls(**values, _keys=tuple(obj), _extra=extra)  # type: ignore[call-arg]
 
@@ -167,6 +191,9 @@ class LatencyStats(_JsonRecord):
     """Latency of one call at the smallest measured batch size, in ms (`cov`: std / mean)."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("p50", "p90", "p99")
+    BOUNDS: ClassVar[dict[str, tuple[float, float | None, bool]]] = {
+        "p50": _POSITIVE, "p90": _POSITIVE, "p99": _POSITIVE, "mean": _POSITIVE, "std": _NON_NEGATIVE,
+        "cov": _NON_NEGATIVE}
     p50: float | None = None
     p90: float | None = None
     p99: float | None = None
@@ -190,6 +217,9 @@ class BaselineComparison(_JsonRecord):
     reports have `ratio` (and `rounds`) only.
     """
 
+    BOUNDS: ClassVar[dict[str, tuple[float, float | None, bool]]] = {
+        "ratio": _POSITIVE, "rounds": _NON_NEGATIVE, "candidate_p50_ms": _POSITIVE, "baseline_p50_ms": _POSITIVE,
+        "seconds": _NON_NEGATIVE, "budget_s": _NON_NEGATIVE}
     ratio: float | None = None
     rounds: int | None = None
     candidate_p50_ms: list[float] | None = None
@@ -201,7 +231,7 @@ class BaselineComparison(_JsonRecord):
     seconds: float | None = None
     budget_s: float | None = None
     tolerance: float | None = None
-    mode: str | None = None  # "paired in one runner process" (local) | "one runner run per side" (device)
+    mode: str | None = None  # "paired in one runner process" | "one runner run per side" (TensorRT engines)
     _keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -240,6 +270,8 @@ class ArtifactResult(_JsonRecord):
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("format", "precision", "runtime", "path", "sha256", "size_bytes",
                                            "shipped", "measured", "top1", "latency_ms")
+    BOUNDS: ClassVar[dict[str, tuple[float, float | None, bool]]] = {
+        "size_bytes": _NON_NEGATIVE, "top1": _PERCENT, "agreement": _PERCENT, "latency_samples_ms": _NON_NEGATIVE}
     format: str
     precision: str
     runtime: str
@@ -370,3 +402,34 @@ def as_results(rows: Any, source: str = "report", where: str = "artifacts") -> l
     if not isinstance(rows, list):
         raise UserError(f"{source}: field '{where}' must be a list, got {_kind(rows)}; {REPORT_FIX}")
     return [as_result(a, source, f"{where}[{i}]") for i, a in enumerate(rows)]
+
+
+_SUMMARY_FIELDS: dict[str, tuple[type | tuple[type, ...], tuple[float, float | None, bool] | None]] = {
+    "top1": ((int, float), _PERCENT), "params": (int, _NON_NEGATIVE), "macs": (int, _NON_NEGATIVE),
+    "model": (str, None), "method": (str, None)}
+
+
+def checked_summary(outputs: Any, source: str, stage: str) -> dict[str, Any]:
+    """A training stage's `outputs.summary` (teacher/distill), its judged fields typed.
+
+    The student's top-1 is what `max_top1_drop` measures against: a hand-edited string there
+    was a traceback in the report stage, and -50 made every drop a PASS. One UserError naming
+    the field and `source` instead.
+    """
+    summary = outputs.get("summary") if isinstance(outputs, dict) else None
+    try:
+        if not isinstance(summary, dict):
+            raise _Problem("outputs.summary", f"must be an object, got {_kind(summary)}")
+        for key, (types_, bounds) in _SUMMARY_FIELDS.items():
+            value, where = summary.get(key), f"outputs.summary.{key}"
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, types_):
+                want = _WANT[types_] if isinstance(types_, type) else "a number"
+                raise _Problem(where, f"must be {want} or null, got {_kind(value)}")
+            _finite(value, where)
+            if bounds is not None:
+                _in_bounds(value, bounds, where)
+    except _Problem as exc:
+        raise _error(source, exc, f"re-run with `--force {stage}` to train again") from None
+    return summary

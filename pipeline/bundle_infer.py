@@ -210,12 +210,27 @@ def classify(paths: list[str], wanted: str | None, batch: int, threads: int | No
         threads = measured_threads(artifact)
     pre = manifest["preprocessing"]
     x = load_images(paths, pre)
-    file = HERE / artifact["path"]
+    name = artifact["path"]
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        # bundles are flat: a manifest pointing elsewhere was edited (`pipeline verify` names it)
+        raise BundleError(f"manifest.json: artifact path {name!r} is not a file name in this bundle; "
+                          "check the bundle with `python -m pipeline verify THIS_FOLDER`")
+    file = HERE / name
     if artifact["runtime"] == "tensorrt":
         _need("tensorrt", "run this bundle on the device (JetPack ships TensorRT) or pip install tensorrt")
         if not file.is_file():
             file = build_engine(artifact)
-    predict = PREDICTORS[artifact["runtime"]](file, threads, artifact["precision"])
+    if artifact["runtime"] not in PREDICTORS:
+        raise BundleError(f"{artifact['path']}: runtime {artifact['runtime']!r} is not one this infer.py runs "
+                          f"({', '.join(PREDICTORS)}); rebuild the bundle")
+    try:
+        predict = PREDICTORS[artifact["runtime"]](file, threads, artifact["precision"])
+    except BundleError:
+        raise
+    except Exception as exc:  # a damaged or incomplete artifact (e.g. an IR without its .bin): say which
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        raise BundleError(f"{artifact['path']}: {artifact['runtime']} cannot load it ({why}); check the bundle "
+                          "with `python -m pipeline verify THIS_FOLDER` or rebuild it") from None
     labels = manifest["labels"]
     rows = []
     for i in range(0, len(paths), batch):
@@ -240,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = classify(args.images, args.artifact, args.batch, args.threads)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError) as exc:  # a manifest missing a field or of the wrong shape: one line
+        print(f"error: {HERE / 'manifest.json'}: not a manifest this infer.py can read ({type(exc).__name__}: "
+              f"{exc}); check the bundle with `python -m pipeline verify THIS_FOLDER`", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(rows))

@@ -228,6 +228,37 @@ def unlisted(root: Path, listed: set[str], prefix: str = "") -> list[str]:
     return found
 
 
+RUNNABLE = ("infer.py",)  # what runs a bundle: every one `pipeline run` writes has it (pipeline/bundle.py)
+
+
+def _runnable_problems(m: dict[str, Any]) -> list[str]:
+    """A bundle whose every file matches can still be one that cannot run: its manifest (and
+    folder) without infer.py, without a single artifact, or an artifact without a companion its
+    runtime needs (an OpenVINO .xml without its .bin: listed in neither). Each verified OK
+    before; now each is a named problem, since `verify` OK is read as "ship it"."""
+    out = [f"{name}: not in the manifest; every bundle `pipeline run` writes has it (rebuild the bundle)"
+           for name in RUNNABLE if name not in m["files"]]
+    from export.formats import FORMATS
+
+    for i, a in enumerate(m["artifacts"]):
+        spec = FORMATS.get(a["format"])
+        if spec is None or a.get("build") or path_problem(a["path"]):  # other formats: their own rules
+            continue
+        main = Path(a["path"])
+        for c in spec.companion_paths(main, needed_to_run_only=True):
+            rel = c.as_posix()
+            if rel not in m["files"] or rel not in a["files"]:
+                out.append(f"artifacts[{i}] ({a['format']}): {rel} is not in the manifest, and the runtime "
+                           f"needs it beside {a['path']} (rebuild the bundle)")
+    if m["artifacts"] and not any(a["runtime"] == m["runtime"] for a in m["artifacts"]):
+        out.append(f"artifacts: none runs on the bundle's runtime {m['runtime']!r}; infer.py runs only those "
+                   "(rebuild the bundle)")
+    if not m["artifacts"]:
+        out.append("artifacts: none listed; infer.py has nothing to run (rebuild the bundle from a run "
+                   "that shipped an artifact)")
+    return out
+
+
 def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[str]]:
     m = read_manifest(root, label)
     files: dict[str, Any] = m["files"]
@@ -239,6 +270,7 @@ def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[s
         needed = list(a["files"]) + ([a["build"]["script"], *a["build"]["inputs"]] if a.get("build") else [a["path"]])
         problems += [f"artifacts[{i}] ({a['format']}): {n} is not in the manifest's files"
                      for n in dict.fromkeys(needed) if n not in files]
+    problems += _runnable_problems(m)
     problems = [f"{prefix}{p}" for p in problems]
     problems += [f"{u}: not in the manifest; remove it (infer.py could import or run it) or rebuild the bundle"
                  for u in unlisted(root, set(files), prefix)]

@@ -70,6 +70,16 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
     get_target(rec.target.name, "--target" if target else f"{rec.source or rec.name}: target.name")
     run_dir = Path(out or f"runs/{rec.name}")
     forced = [f.strip() for f in str(force).split(",") if f.strip()] if force else []
+    if baseline is not None:  # its artifact files too, before any training (pipeline/cli_baseline.py)
+        from pipeline.baseline import load_report
+        from pipeline.cli_baseline import baseline_file_notes
+
+        for note in baseline_file_notes(*load_report(baseline, "--baseline")):
+            print(note)
+    from pipeline.run import formats_not_shipped
+
+    for note in formats_not_shipped(rec):
+        print(note)
     report = execute(rec, run_dir, forced, baseline)
     _print_report(report, run_dir)
     if not report["passed"]:
@@ -138,6 +148,12 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
     summary = g.not_measured_summary(rep, allow_unmeasured)
     if summary:
         print(summary["note"])
+    recorded = rep.get("baseline")
+    if base is None and isinstance(recorded, dict) and (gates_cfg.max_latency_regression is not None
+                                                        or gates_cfg.max_top1_regression is not None):
+        # the run's regression rows are not re-judged without a baseline: say so, not a silent PASS
+        print(f"note: {report} was gated against the baseline {recorded.get('path')}; the regression gates "
+              f"(max_top1_regression, max_latency_regression) apply only with --baseline")
     if junit:
         atomic.write_text(Path(junit), g.junit_xml(results))
     passed = g.all_passed(results)

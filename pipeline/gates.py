@@ -94,6 +94,7 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
     artifacts = as_results(report.get("artifacts"))
     shipped = [a for a in artifacts if a.shipped and not a.rejected]
     base_by_key = {a.key: a for a in as_results((baseline or {}).get("artifacts"), "baseline report")}
+    rounds_valid = rounds_match_baseline(report, baseline)
 
     if not shipped and not any(a.rejected for a in artifacts):
         results.append(GateResult("has_artifact", (report.get("target") or {}).get("name", "?"), "artifacts", 0, 1,
@@ -115,11 +116,14 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         if gates.max_size_mb is not None and a.size_bytes is not None:
             mb = a.size_bytes / 1e6
             results.append(GateResult("max_size_mb", label, "size_mb", round(mb, 4), gates.max_size_mb, mb <= gates.max_size_mb))
-        paired = paired_latency_row(a, gates) if baseline is not None else None
+        paired = paired_latency_row(a, gates) if baseline is not None and rounds_valid else None
         if paired is not None:
             results.append(paired)
         elif baseline is not None and gates.max_latency_regression is not None:
-            ratio, note = _latency_ratio(a, base_by_key.get(a.key), pct)
+            ratio, note = _latency_ratio(a if rounds_valid else a.replace(baseline_comparison=None),
+                                         base_by_key.get(a.key), pct)
+            if not rounds_valid:
+                note = f"{note}; {OTHER_BASELINE_NOTE}"
             if ratio is None:
                 if lat is None:
                     results.append(_unmeasured("max_latency_regression", a, "latency_ratio",
@@ -146,6 +150,28 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         results.append(GateResult("require_max_clocks", (report.get("target") or {}).get("name", "?"),
                                   "at_max_clocks", None if ok is None else float(ok), 1.0, ok is not False, note))
     return results
+
+
+OTHER_BASELINE_NOTE = ("this report's interleaved rounds were measured against another baseline, "
+                       "so they are not used")
+
+
+def rounds_match_baseline(report: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> bool:
+    """Whether the report's interleaved A/B rounds were measured against `baseline`.
+
+    `pipeline run` records which baseline it measured against (`report.baseline.sha256`);
+    `pipeline gate REPORT --baseline OTHER` must not judge OTHER on rounds measured against
+    the first one (a 10x slower candidate passed that way). Reports without the record
+    (older, hand-built) keep their rounds.
+    """
+    if baseline is None:
+        return False
+    recorded = report.get("baseline")
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("sha256"), str):
+        return True
+    from pipeline.stage import stable_hash
+
+    return recorded["sha256"] == stable_hash(baseline)
 
 
 STOPPED = {"decided": "decided", "budget": "time budget spent (gates.regression_budget_s)",
@@ -176,8 +202,9 @@ def paired_latency_row(a: ArtifactResult | Mapping[str, Any], gates: GateConfig)
     limit = round(1.0 + gates.max_latency_regression, 4)
     if keep is not None and not any(keep):
         return GateResult("max_latency_regression", label, "latency_ratio", None, limit, policy == "pass",
-                          f"every one of {len(cand)} interleaved rounds was CPU-contended: no evidence either way; "
-                          f"counted as {policy} (gates.regression_inconclusive)", INCONCLUSIVE)
+                          f"every one of {len(cand)} interleaved rounds was CPU-contended: no evidence either way"
+                          + (f"; rounds stopped: {STOPPED.get(inter.stopped, inter.stopped)}" if inter.stopped else "")
+                          + f"; counted as {policy} (gates.regression_inconclusive)", INCONCLUSIVE)
     try:
         d = rs.paired_ratio_decision(cand, base, gates.max_latency_regression, keep=keep)
     except ValueError:

@@ -1,9 +1,13 @@
 """The interleaved A/B latency record behind `max_latency_regression`, made one way for everyone.
 
 The deploy stage (`pipeline run --baseline`) and bench/latency_gate_power.py both call
-`interleaved_ab`, so the bench measures the gate exactly as it runs. Local targets time whole
-rounds in one runner process (deploy_targets.measure_pair, regression_stats.paired_rounds);
-device targets get one runner run per side (regression_stats.interleaved_rounds).
+`interleaved_ab`, so the bench measures the gate exactly as it runs. Wherever the runner can
+hold both artifacts (deploy_targets.measure_pair.can_pair: ONNX Runtime, OpenVINO and
+Torch-TensorRT, on this machine or on a device over SSH) whole rounds are timed in one runner
+process (deploy_targets.measure_pair.pair_session, regression_stats.paired_rounds); on a device
+both artifacts are copied once and every chunk of rounds is one runner start. TensorRT engines
+(each backend makes its own CUDA context) get one runner run per side
+(regression_stats.interleaved_rounds).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from deploy_targets.measure_pair import can_pair, measure_pair
+from deploy_targets.measure_pair import can_pair, pair_session
 from deploy_targets.remote.dskd_runner.protocol import Protocol
+from deploy_targets.ssh import SshOptions
 from pipeline import regression_stats as rs
+
+PAIRED, PER_SIDE = "paired in one runner process", "one runner run per side"
 
 
 def round_protocol_of(protocol: Protocol) -> Protocol:
@@ -26,25 +33,28 @@ def round_protocol_of(protocol: Protocol) -> Protocol:
 def interleaved_ab(cand: Path, base: Path, target: str, precision: str, protocol: Protocol,
                    tolerance: float | None, budget_s: float, *, device: str | None = None,
                    threads: int | str | None = None, timeout_s: float = 900.0,
+                   ssh: SshOptions | None = None, remote_python: str = "python3",
+                   remote_tmp: str | None = None,
                    measure_side: Callable[[Path], Any] | None = None) -> dict[str, Any]:
     """The rounds record (regression_stats' format) of `cand` against `base` on `target`.
 
-    `protocol` is the recipe's; each side of a round uses its shortened form. `measure_side`
-    (path -> deploy_targets Measurement) measures one side on a device target; it is required
-    only where the target cannot pair here.
+    `protocol` is the recipe's; each side of a round uses its shortened form. `ssh`,
+    `remote_python` and `remote_tmp` reach `device` as in deploy_targets.measure. `measure_side`
+    (path -> deploy_targets Measurement) measures one side; it is required only where the pair
+    cannot share one runner process (can_pair).
     """
     short = round_protocol_of(protocol)
-    if can_pair(target, device):
-        def chunk(count: int, start: int) -> list[dict[str, Any]]:
-            return measure_pair(cand, base, target, rounds=count, start=start, precision=precision,
-                                threads=threads, protocol=short, timeout_s=timeout_s)
-
-        return {"mode": "paired in one runner process", **rs.paired_rounds(chunk, tolerance, budget_s)}
+    if can_pair(target, device, cand):
+        with pair_session(cand, base, target, device=device, precision=precision, threads=threads,
+                          protocol=short, ssh=ssh, remote_python=remote_python, remote_tmp=remote_tmp,
+                          timeout_s=timeout_s) as chunk:
+            return {"mode": PAIRED, **rs.paired_rounds(chunk, tolerance, budget_s)}
     if measure_side is None:
-        raise ValueError(f"target {target} measures on a device: pass measure_side")
+        raise ValueError(f"target {target}: {cand.name} cannot be paired in one runner process "
+                         "here: pass measure_side")
 
     def one(side: str) -> tuple[float, bool, dict[str, Any]]:
         m = measure_side(cand if side == rs.CANDIDATE else base)
         return m.p50_ms, any(e.get("contended") for e in m.latency), rs.side_details(m)
 
-    return {"mode": "one runner run per side", **rs.interleaved_rounds(one, tolerance, budget_s)}
+    return {"mode": PER_SIDE, **rs.interleaved_rounds(one, tolerance, budget_s)}

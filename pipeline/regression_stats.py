@@ -222,16 +222,16 @@ def interleaved_rounds(measure: Callable[[str], tuple[Any, ...]], tolerance: flo
     contended) or (p50 ms, contended, details); details (e.g. the runner's CPU share) are kept
     per round in `sides`, so the rounds can be re-examined later. The order alternates every
     round (C B, B C, C B ...) so a drift within a round, or a first-run effect, cannot favour
-    one side. This is the form for device targets (one runner run per side); local targets
-    time whole rounds in one runner process (`paired_rounds`). Stopping: see `_sequential`.
+    one side. This is the form for artifacts that cannot share one runner process (TensorRT
+    engines: one runner run per side); every other target times whole rounds in one runner
+    process, here or over SSH (`paired_rounds`). Stopping: see `_sequential`.
     """
     def one_round(count: int, start: int) -> list[dict[str, Any]]:
         order = (CANDIDATE, BASELINE) if start % 2 == 0 else (BASELINE, CANDIDATE)
         record: dict[str, Any] = {"index": start, "first": order[0]}
         for side in order:
             p50, busy, *more = measure(side)
-            record[side] = dict(more[0] if more else {}, p50_ms=float(p50), contended=bool(busy),
-                                **({} if more else {"_no_details": True}))
+            record[side] = dict(more[0] if more else {}, p50_ms=float(p50), contended=bool(busy))
         return [record]
 
     return _sequential(one_round, 1, tolerance, budget_s, min_rounds, max_rounds, confidence, clock)
@@ -258,9 +258,9 @@ def _sequential(next_rounds: RoundsFn, chunk: int, tolerance: float | None, budg
     `confidence` interval); after that rounds are added only while the verdict against
     `tolerance` is INCONCLUSIVE, and none once `budget_s` seconds of measuring are spent or
     `max_rounds` rounds were measured. A contended round is recorded with kept=False and does
-    not count: another is measured instead, within the same budget. With details from the
-    runner that is `paired_usable`'s judgement of the two sides, else the runner's own flag on
-    either side. With `tolerance` None there is nothing to decide and the first `min_rounds`
+    not count: another is measured instead, within the same budget: `paired_usable`'s judgement
+    of the two sides (the runner's own flag on either side where it gave no CPU numbers); the
+    sides' details are kept in `sides` where the runner gave more than that flag. With `tolerance` None there is nothing to decide and the first `min_rounds`
     usable rounds end it.
 
     Repeated looks at the interval raise its error rates a little above the one-look 2.5 % per
@@ -283,11 +283,11 @@ def _sequential(next_rounds: RoundsFn, chunk: int, tolerance: float | None, budg
             cand.append(float(c["p50_ms"]))
             base.append(float(b["p50_ms"]))
             first.append(rec["first"])
-            detailed = not (c.get("_no_details") or b.get("_no_details"))
-            if detailed:
-                sides.append({side: {k: v for k, v in rec[side].items() if k != "p50_ms"}
-                              for side in (rec["first"], BASELINE if rec["first"] == CANDIDATE else CANDIDATE)})
-            kept.append(paired_usable(c, b) if detailed else not (c.get("contended") or b.get("contended")))
+            details = {side: {k: v for k, v in rec[side].items() if k != "p50_ms"}
+                       for side in (rec["first"], BASELINE if rec["first"] == CANDIDATE else CANDIDATE)}
+            if any(set(d) - {"contended"} for d in details.values()):  # more than the runner's flag
+                sides.append(details)
+            kept.append(paired_usable(c, b))
         usable = sum(kept)
         if usable >= need:
             if tolerance is None:
@@ -335,6 +335,15 @@ def paired_usable(cand: dict[str, Any], base: dict[str, Any]) -> bool:
     """Can this round's ratio be trusted? Both sides must have had their core (the runner's CPU
     share at least 0.9: not preempted), and the rest of the machine must have been about as busy
     during one side as during the other (other processes' load within half a core).
+
+    Since runner version 5 a paired round in one process interleaves the two sides in short
+    blocks (dskd_runner/pairing.py), so both sides' `others_cpu` cover the same second of machine
+    state and the half-core test rarely fires there (it still catches a neighbour that happened
+    to load only one side's blocks). It is kept because the same rule judges the rounds of
+    targets that still take one runner run per side (`interleaved_rounds`: TensorRT engines),
+    where it is what catches a neighbour that started or stopped between the two sides. The CPU-share test keeps its
+    meaning in both forms: a side that did not get its core has inflated, bimodal call times
+    whose median is not a stable basis for a ratio.
 
     The runner's own `contended` flag also fires when other processes merely keep another core
     busy (more than 0.2 cores), which inflates an absolute latency; a ratio of two sides measured

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.artifact_result import ArtifactResult, as_result, as_results
 
-PASS, FAIL, NOT_MEASURED = "PASS", "FAIL", "NOT MEASURED"
+PASS, FAIL, NOT_MEASURED, INCONCLUSIVE = "PASS", "FAIL", "NOT MEASURED", "INCONCLUSIVE"
 PERCENTILES = ("p50", "p90", "p99")
 # Columns beside the latency in report.md and report.html (the images/s column only in throughput runs)
 CONFIG_COLUMNS = ("threads / streams / hint", "pre-proc p50 ms", "end-to-end ms/image")
@@ -269,7 +269,11 @@ def verdict(report: dict[str, Any]) -> Verdict:
     unmeasured = [g for g in failed if g.status == NOT_MEASURED]
     judged = [g for g in failed if g.status != NOT_MEASURED]
     for g in judged:
-        details.append(f"{g.artifact}: {g.name} failed ({_short(g.value)} against {g.rule})")
+        if g.status == INCONCLUSIVE:  # not "failed": the evidence did not decide, the policy did
+            details.append(f"{g.artifact}: {g.name} INCONCLUSIVE ({_short(g.value)} against {g.rule}), "
+                           "counted as fail (gates.regression_inconclusive)")
+        else:
+            details.append(f"{g.artifact}: {g.name} failed ({_short(g.value)} against {g.rule})")
     if unmeasured and not note:
         arts = sorted({g.artifact for g in unmeasured})
         details.append(f"{len(unmeasured)} gate(s) failed because {', '.join(arts)} could not be measured "
@@ -280,6 +284,9 @@ def verdict(report: dict[str, Any]) -> Verdict:
         allowed = [g for g in gviews if g.status == NOT_MEASURED]
         if allowed:
             headline += f" ({len(allowed)} not measured, allowed)"
+        undecided = [g for g in gviews if g.status == INCONCLUSIVE]
+        if undecided:  # "all passed" must not hide gates that only the policy passed
+            headline += f" ({len(undecided)} inconclusive, counted as pass by gates.regression_inconclusive)"
     else:
         headline = f"FAILED: {len(failed)} of {n} gates failed"
     return Verdict(bool(report.get("passed")), headline, details)

@@ -13,7 +13,7 @@ from dskd.errors import UserError
 from pipeline import gates as gates_mod
 from pipeline.artifact_result import REPORT_KEYS, ArtifactResult, results_from_stage
 from pipeline.lock import run_lock
-from pipeline.recipe import Recipe, check_inputs
+from pipeline.recipe import Recipe, check_inputs, key_label
 from pipeline.report import SCHEMA_VERSION, baseline_artifacts, bundle_section, write_report
 from pipeline.report_view import recommend
 from pipeline.ship_stages import DEPLOY, EXPORT, OPTIMIZE
@@ -58,9 +58,11 @@ def build_report(ctx: RunContext, rows: bool = True) -> dict[str, Any]:
     """The report dict; `artifacts` are report.json rows, or with `rows=False` the deploy
     stage's typed records themselves (the gate stage: the gates read them, nothing is written)."""
     r: Recipe = ctx.recipe
-    teacher = ctx.out("teacher")["summary"]
-    student = ctx.out("distill")["summary"]
+    from pipeline.artifact_result import checked_summary
+
+    teacher, student = (checked_summary(ctx.out(n), str(ctx.folder(n) / STAGE_FILE), n) for n in ("teacher", "distill"))
     deploy = ctx.out("deploy")
+    measured = checked_target_available(deploy, str(ctx.folder("deploy") / STAGE_FILE))
     from deploy_targets.registry import get_target
 
     tgt = get_target(r.target.name)
@@ -70,7 +72,7 @@ def build_report(ctx: RunContext, rows: bool = True) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "recipe": {"name": r.name, "source": r.source, "config": r.to_dict()},
         "target": {"name": tgt.name, "runtime": tgt.runtime, "device": r.target.device or None,
-                   "measured": bool(deploy["target_available"]), "reason": deploy.get("reason", ""),
+                   "measured": measured, "reason": deploy.get("reason", ""),
                    "environment": deploy.get("environment")},
         "teacher": {"model": teacher.get("model"), "top1": teacher.get("top1"), "params": teacher.get("params"),
                     "loaded_from": ctx.out("teacher").get("loaded_from")},
@@ -168,6 +170,40 @@ def load_baseline(path: str | None) -> tuple[dict[str, Any] | None, Path | None]
     return load_report(path, "--baseline")
 
 
+def checked_target_available(deploy: dict[str, Any], where: str) -> bool:
+    """The deploy stage's `target_available`, strictly a JSON boolean: a hand-edited "no" read
+    with bool() would make the report say the target was measured."""
+    value = deploy.get("target_available")
+    if not isinstance(value, bool):
+        shown = json.dumps(value) if isinstance(value, (str, int, float)) or value is None else type(value).__name__
+        raise UserError(f"{where}: field 'outputs.target_available' must be true or false, got {shown}; "
+                        "re-run with `--force deploy`")
+    return value
+
+
+def formats_not_shipped(recipe: Recipe) -> list[str]:
+    """Notes for listed export formats the target's runtime cannot run: they are built (a user may
+    list a second target's format so that switching targets re-runs only deploy), but left out of
+    the report and the bundle, which deserves a word rather than silence. Not a note: what the
+    target's runtime (or one it also reads) opens, the FP32 ONNX the export stage always builds,
+    and what a shipped or listed format is built from (the QDQ INT8 ONNX of a TensorRT INT8 engine)."""
+    from deploy_targets.registry import get_target
+    from export.formats import FORMATS, resolve_formats
+
+    if not recipe.export.formats:
+        return []
+    try:
+        tgt = get_target(recipe.target.name)
+        listed = [s.name for s in resolve_formats(recipe.export.formats, flag="")]
+    except UserError:  # check_recipe names the key and exits 2
+        return []
+    sources = {"onnx"} | {src for n in (*tgt.ships, *listed) for src in FORMATS[n].built_from}
+    runs = ", ".join(n for n, f in FORMATS.items() if f.kind in tgt.accepts)
+    return [f"note: {key_label(recipe, 'export.formats')}: {n} ({FORMATS[n].runtime}) is built but not "
+            f"measured, gated or bundled: target {tgt.name} runs {runs}"
+            for n in listed if FORMATS[n].kind not in tgt.accepts and n not in sources]
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Names the recipe knows only by value (target, formats, models, methods, options) are
     checked here, before the lock and any training, so a typo costs seconds, not a teacher run."""
@@ -177,18 +213,16 @@ def check_recipe(recipe: Recipe) -> None:
     from export.api import check_int8_head
     from export.formats import resolve_formats
 
-    src = recipe.source or "recipe"
-
     def named(key: str, check: Any) -> None:
         try:
             check()
-        except UserError as exc:
-            raise UserError(f"{src}: key '{key}': {exc}") from None
+        except UserError as exc:  # named as the user gave it: the file, --set or a flag
+            raise UserError(f"{key_label(recipe, key)}: {exc}") from None
 
     named("target.name", lambda: get_target(recipe.target.name))
     check_inputs(recipe)  # data.spec and teacher.checkpoint exist and load (pipeline/recipe.py)
     if recipe.export.formats:
-        named("export.formats", lambda: resolve_formats(recipe.export.formats))
+        named("export.formats", lambda: resolve_formats(recipe.export.formats, flag=""))
     named("export.int8_head", lambda: check_int8_head(recipe.export.int8_head))
     for name in ("teacher", "student"):
         section = getattr(recipe, name)
@@ -197,7 +231,7 @@ def check_recipe(recipe: Recipe) -> None:
         if section.model not in list_models():
             near = difflib.get_close_matches(section.model, list_models(), n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
-            raise UserError(f"{src}: key '{name}.model': unknown model '{section.model}': {hint}"
+            raise UserError(f"{key_label(recipe, name + '.model')}: unknown model '{section.model}': {hint}"
                             f"choose from {', '.join(list_models())}")
         method = "ce" if name == "teacher" else section.method  # the teacher stage always trains with CE
         named(f"{name}.method", lambda m=method: resolve_method_options(m, {}))

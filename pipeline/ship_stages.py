@@ -239,6 +239,7 @@ def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str
     g, t = ctx.recipe.gates, ctx.recipe.target
     rec = interleaved_ab(cand, base, target_name, precision, _protocol(ctx), g.max_latency_regression,
                          g.regression_budget_s, device=device, threads=t.threads or None, timeout_s=t.timeout_s,
+                         remote_python=t.python, remote_tmp=t.remote_tmp or None,
                          measure_side=lambda p: _measure(ctx, p, target_name, precision, None, device, [1],
                                                          latency_only=True))
     ratio = statistics.median(rec["candidate_p50_ms"]) / statistics.median(rec["baseline_p50_ms"])

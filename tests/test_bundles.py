@@ -109,6 +109,13 @@ def run_infer(bundle: Path, args: list[str], cwd: Path) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=600)
 
 
+def infer_fp16_json(bundle: Path, paths: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`infer.py --artifact fp16 --json IMAGES` with `env` (its PYTHONPATH holds the FAKE TensorRT
+    libraries, so no -I here, unlike run_infer): the TensorRT bundles' build-then-run path."""
+    return subprocess.run([sys.executable, str(bundle / INFER), "--artifact", "fp16", "--json", *paths],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def mentioned_names(text: str) -> set[str]:
     return set(FILE_TOKEN.findall(text))
 
@@ -279,11 +286,7 @@ def test_tensorrt_infer_builds_the_engine_with_the_bundle_script_then_runs_it(ru
     paths = paths[:70]  # more than one batch of 64
     env = {**_env(), "PYTHONPATH": str(lib), "TRTEXEC": str(trtexec), "TRT_VERSION": "10.3.0"}
 
-    def infer() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(bundle / INFER), "--artifact", "fp16", "--json", *paths],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-    first = infer()
+    first = infer_fp16_json(bundle, paths, tmp_path, env)
     assert first.returncode == 0, first.stderr
     assert "building model.fp16.engine with build_trtexec.sh" in first.stderr
     assert (bundle / "model.fp16.engine").is_file() and (bundle / "model.fp16.engine.json").is_file()
@@ -291,7 +294,7 @@ def test_tensorrt_infer_builds_the_engine_with_the_bundle_script_then_runs_it(ru
     assert engine["fake_engine_from"] == "model.onnx"  # the FAKE trtexec built it from the bundle's ONNX
     pre = json.loads((bundle / MANIFEST).read_text())["preprocessing"]
     assert [r["index"] for r in json.loads(first.stdout)] == fake_engine_predictions(engine, paths, pre)
-    again = infer()  # the engine is kept: no second build
+    again = infer_fp16_json(bundle, paths, tmp_path, env)  # the engine is kept: no second build
     assert again.returncode == 0 and "building" not in again.stderr and again.stdout == first.stdout
     # The engine built on the device is not in the manifest: verify says so (verify before building).
     v = verify_cli(bundle)
@@ -359,11 +362,7 @@ def test_torch_tensorrt_bundle_builds_with_its_own_script_then_runs(tmp_path: Pa
     lib_tt = write_fake_torch_trt_lib(tmp_path / "tt-lib", torch_tensorrt=torch.__version__.split("+")[0], tensorrt=None)
     env = {**_env(), "PYTHONPATH": f"{lib_trt}:{lib_tt}"}
 
-    def infer() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(bundle / INFER), "--artifact", "fp16", "--json", *paths],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-    first = infer()
+    first = infer_fp16_json(bundle, paths, tmp_path, env)
     assert first.returncode == 0, first.stderr
     assert "building model.fp16.engine with build_torch_trt.py" in first.stderr
     engine = json.loads((bundle / "model.fp16.engine").read_bytes())
@@ -371,5 +370,5 @@ def test_torch_tensorrt_bundle_builds_with_its_own_script_then_runs(tmp_path: Pa
     assert json.loads((bundle / "model.fp16.engine.json").read_text())["builder"] == "torch-tensorrt"
     assert '"builder": "torch-tensorrt"' in first.stderr  # the build's own output: not in --json's stdout
     assert [r["index"] for r in json.loads(first.stdout)] == fake_engine_predictions(engine, paths, pre)
-    again = infer()  # the engine is kept: no second build
+    again = infer_fp16_json(bundle, paths, tmp_path, env)  # the engine is kept: no second build
     assert again.returncode == 0 and "building" not in again.stderr and again.stdout == first.stdout

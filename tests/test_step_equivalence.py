@@ -136,14 +136,20 @@ def test_closed_form_gradient_equals_autograd_through_the_guide(train_mode: bool
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-9)
 
 
-def test_teacher_space_closed_form_equals_autograd_through_the_scaled_head() -> None:
-    """v2's guide: the teacher head read on σ ⊙ x + μ (the diffusion's feature scale)."""
+def scaled_head_case(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(teacher resnet8x4, x̂0 8×256×8×8, soft target π, feature scale σ, shift μ): a teacher-space guide case."""
     torch.manual_seed(0)
     teacher = create_model("resnet8x4", num_classes=10, in_chans=3)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(8, 256, 8, 8, generator=g)
     target = torch.softmax(torch.randn(8, 10, generator=g), dim=1)
     scale, shift = torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g)
+    return teacher, x0, target, scale, shift
+
+
+def test_teacher_space_closed_form_equals_autograd_through_the_scaled_head() -> None:
+    """v2's guide: the teacher head read on σ ⊙ x + μ (the diffusion's feature scale)."""
+    teacher, x0, target, scale, shift = scaled_head_case(3)
     xg = x0.clone().requires_grad_(True)
     logits = teacher.forward_head(xg * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     (want,) = torch.autograd.grad((target * torch.log_softmax(logits, 1)).sum(), [xg])
@@ -277,12 +283,8 @@ def test_pooled_head_gradient_is_hw_times_the_per_position_gradient() -> None:
     """The chain's teacher-space guide reads only mean_hw x̂0 (issue 15): same gradient as the map form."""
     from dskd.methods.guidance import head_gradient_pooled
 
-    torch.manual_seed(0)
-    teacher = create_model("resnet8x4", num_classes=10, in_chans=3)
-    g = torch.Generator().manual_seed(5)
-    x0 = torch.randn(8, 256, 8, 8, generator=g)
-    target = torch.softmax(torch.randn(8, 10, generator=g), dim=1)
-    hw = HeadWeights.read(teacher.fc, torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g))
+    teacher, x0, target, scale, shift = scaled_head_case(5)
+    hw = HeadWeights.read(teacher.fc, scale, shift)
     want = head_gradient_closed_form(x0, target, hw)
     got = head_gradient_pooled(x0.mean(dim=(2, 3)), target, hw) / 64
     assert torch.allclose(got, want[:, :, 0, 0], rtol=1e-5, atol=1e-9)
@@ -293,12 +295,61 @@ def test_pooled_head_gradient_is_hw_times_the_per_position_gradient() -> None:
 def test_in_place_chain_leaves_its_start_alone(options: dict) -> None:
     """The no-grad DDIM chain writes into its own buffers (issue 15), never into the caller's x_t0."""
     fast, _ = pair(options)
+    start, target = chain_inputs(fast)
+    before = start.clone()
+    out = fast.descend(start, target, 100.0)
+    assert torch.equal(start, before) and out.data_ptr() != start.data_ptr()
+
+
+def chain_inputs(d: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's features in the diffusion space, guidance target π) for the fixed batch."""
     x, y = data()
     with torch.no_grad():
-        z_t, _ = fast.teacher_outputs(x)
-        start = fast.student.forward_features(x)
-        if fast.teacher_space:
-            start = fast.adapter(start)
-    before = start.clone()
-    out = fast.descend(start, fast.guidance_target(y, z_t), 100.0)
-    assert torch.equal(start, before) and out.data_ptr() != start.data_ptr()
+        z_t, _ = d.teacher_outputs(x)
+        start = d.student.forward_features(x)
+        if d.teacher_space:
+            start = d.adapter(start)
+    return start, d.guidance_target(y, z_t)
+
+
+def per_step_head_chain(d: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """The teacher-space guided chain as written before its pooled recurrence (issue 15): every step
+    pools x_t and ε, subtracts the broadcast guidance from ε, then the DDIM update c_x·x_t + c_ε·ε̂."""
+    from dskd.methods.guidance import head_gradient_pooled
+
+    _, head = d._closed_form_guide()
+    target_sum = target.sum(dim=1, keepdim=True)
+    hw = x.shape[-2] * x.shape[-1]
+    with torch.no_grad():
+        x = x.float()
+        for t, t_prev in d.schedule.sampling_timesteps(d.options["t0"], d.options["steps"]):
+            eps = d.denoiser(x, t).float()
+            a = d.schedule.alpha_bar_value(t)
+            sa, s1a = a**0.5, (1.0 - a) ** 0.5
+            with torch.autocast("cpu", enabled=False):
+                pooled = (x.mean(dim=(2, 3)) - s1a * eps.mean(dim=(2, 3))) / sa
+                g = head_gradient_pooled(pooled, target, head, target_sum) * (scale * s1a / sa / hw)
+                c_x, c_eps = d.schedule.ddim_coefficients(t, t_prev)
+                x = c_x * x + c_eps * (eps - g[:, :, None, None])
+    return x
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_head_guided_chain_matches_the_per_step_form(autocast: bool) -> None:
+    """The pooled-recurrence chain (`_descend_head_guided`) computes the per-step chain: to float32
+    rounding in float32; under bf16 autocast those roundings may move a bf16 conv input by one ulp."""
+    fast, _ = pair(SHIPPED)
+    start, target = chain_inputs(fast)
+    with torch.no_grad():  # a feature scale that has seen data, so the head's σ and μ matter
+        fast.feature_stats.observe(start)
+    x = fast.schedule.add_noise(fast.feature_stats.normalise(start), torch.randn(start.shape), fast.options["t0"])
+    s = float(fast.options["guidance_scale"])  # the default, 1000
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = fast.descend(x, target, s)
+        want = per_step_head_chain(fast, x, target, s)
+        unguided = fast.descend(x, target, 0.0)
+    assert (want - unguided).abs().max() > 1e-2  # guidance really moved the chain
+    if autocast:
+        assert float((got - want).norm() / want.norm()) < 1e-3
+    else:
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

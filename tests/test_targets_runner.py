@@ -307,7 +307,7 @@ def test_protocol_travels_as_one_json_document(artifacts: dict, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert res["protocol"] == dict(Protocol().to_dict(), min_iters=5, min_seconds=0.0, warmup_seconds=0.0)
-    assert res["runner_version"] == runner.RUNNER_VERSION == 4
+    assert res["runner_version"] == runner.RUNNER_VERSION == 5
 
 
 def test_staged_runner_runs_on_its_own(artifacts: dict, tmp_path: Path):

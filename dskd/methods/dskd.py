@@ -154,7 +154,7 @@ class DSKD(Distiller):
         """∇_{x̂0} of the guide's objective in diffusion coordinates, no autograd (pool+linear head).
 
         Also the head's weights when the guide reads the teacher head directly (teacher space):
-        then only mean_hw x̂0 matters and the chain need not build x̂0 (`_guide_in_place`).
+        then only mean_hw x̂0 matters and the chain need not build x̂0 (`_descend_head_guided`).
         """
         assert self.teacher is not None
         stats = self.feature_stats
@@ -184,22 +184,14 @@ class DSKD(Distiller):
         return torch.add(eps, grad, alpha=-scale * s1a / sa)
 
     def _guide_in_place(self, x: torch.Tensor, eps: torch.Tensor, t: int, target: torch.Tensor, scale: float,
-                        closed: Callable, head: HeadWeights | None, target_sum: torch.Tensor) -> torch.Tensor:
-        """`_guided_eps` (closed form) written into `eps` (no graph): for the head guide from pooled maps.
-
-        mean_hw x̂0 = (mean_hw x_t − √(1−ᾱ)·mean_hw ε)/√ᾱ, so two poolings replace x̂0, and the
-        gradient, the same at every position, is one broadcast subtraction (issue 15).
-        """
+                        closed: Callable, target_sum: torch.Tensor) -> torch.Tensor:
+        """`_guided_eps` (closed form) written into `eps` (no graph). The teacher-space head guide,
+        which needs only pooled maps, has its own chain (`_descend_head_guided`)."""
         a = self.schedule.alpha_bar_value(t)
         sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if head is None:
-                grad = closed(torch.add(x, eps, alpha=-s1a).mul_(1.0 / sa), target, target_sum)
-                return eps.add_(grad, alpha=-scale * s1a / sa)
-            pooled = torch.sub(global_pool(x), global_pool(eps), alpha=s1a).mul_(1.0 / sa)
-            g = head_gradient_pooled(pooled, target, head, target_sum)
-            g = g.mul_(scale * s1a / sa / (x.shape[-2] * x.shape[-1]))
-            return eps.sub_(g.view(*g.shape, 1, 1))
+            grad = closed(torch.add(x, eps, alpha=-s1a).mul_(1.0 / sa), target, target_sum)
+            return eps.add_(grad, alpha=-scale * s1a / sa)
 
     def descend(self, x: torch.Tensor, target: torch.Tensor, scale: float, with_grad: bool = False) -> torch.Tensor:
         """Guided DDIM from x_{t0} to the clean end, in diffusion coordinates.
@@ -222,15 +214,46 @@ class DSKD(Distiller):
             return x
         with torch.no_grad():
             x = x.float()
+            if scale > 0 and head is not None:
+                return self._descend_head_guided(x, steps, target, scale, head)
             for t, t_prev in steps:
                 eps = self.denoiser(x, t).float()  # a fresh tensor: the step may write into it
                 if scale > 0 and closed is not None:
                     assert target_sum is not None
-                    eps = self._guide_in_place(x, eps, t, target, scale, closed, head, target_sum)
+                    eps = self._guide_in_place(x, eps, t, target, scale, closed, target_sum)
                 elif scale > 0:
                     eps = self._guided_eps(x, eps, t, target, scale, None, None)
                 c_x, c_eps = self.schedule.ddim_coefficients(t, t_prev)
                 x = eps.mul_(c_eps).add_(x, alpha=c_x)  # DDIM: c_x·x_t + c_ε·ε̂, in ε̂'s buffer
+        return x
+
+    def _descend_head_guided(self, x: torch.Tensor, steps: list[tuple[int, int]], target: torch.Tensor,
+                             scale: float, head: HeadWeights) -> torch.Tensor:
+        """The no-grad chain when the guide reads the teacher head on pooled maps (teacher space).
+
+        The update of `descend`'s loop (ε̂ = ε − g, then DDIM) with fewer passes over the B×C×H×W
+        maps (issue 15). The head sees only mean_hw x̂0 = (mean_hw x_t − √(1−ᾱ)·mean_hw ε)/√ᾱ, so
+        the guidance shift g is the same at every position and
+        x_{t_prev} = c_x·x_t + c_ε·(ε − g) is one broadcast add of −c_ε·g fused into the c_ε·ε
+        product, then one add of c_x·x_t (3 passes before); and pooling is linear, so
+        mean_hw x_{t_prev} = c_x·mean_hw x_t + c_ε·(mean_hw ε − g) needs no pooling of x after the
+        first step (2 poolings per step before). Equal to the per-step form to float32 rounding.
+        """
+        target_sum = target.sum(dim=1, keepdim=True)
+        inv_hw = 1.0 / (x.shape[-2] * x.shape[-1])
+        pooled_x = global_pool(x)
+        for t, t_prev in steps:
+            eps = self.denoiser(x, t).float()  # under the caller's autocast, as every denoiser call
+            a = self.schedule.alpha_bar_value(t)
+            sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+            c_x, c_eps = self.schedule.ddim_coefficients(t, t_prev)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # the guidance in float32
+                pooled_eps = global_pool(eps)
+                pooled_x0 = torch.sub(pooled_x, pooled_eps, alpha=s1a).mul_(1.0 / sa)
+                g = head_gradient_pooled(pooled_x0, target, head, target_sum).mul_(scale * s1a / sa * inv_hw)
+                shift = g.mul(-c_eps)  # B×C: −c_ε·g, broadcast over positions
+                x = torch.add(shift.view(*shift.shape, 1, 1), eps, alpha=c_eps).add_(x, alpha=c_x)
+                pooled_x = pooled_x.mul_(c_x).add_(pooled_eps.sub_(g), alpha=c_eps)
         return x
 
     def sample_chain(self, start: torch.Tensor, noise: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ CASES = {
     "unknown channels": ({"data.in_chans": 2}, "key 'data.in_chans' must be one of 1, 3, got 2"),
     "unknown target": ({"target.name": "jetson-nanoo"}, "'jetson-nanoo' is not known: did you mean"),
     "unknown export format": ({"export.formats": ["onnx-int4"]},
-                              "key 'export.formats': --formats: unknown format 'onnx-int4': did you mean 'onnx-int8'?"),
+                              "key 'export.formats': unknown format 'onnx-int4': did you mean 'onnx-int8'?"),
     "unknown int8 head": ({"export.int8_head": "fp16"}, "key 'export.int8_head': --int8-head 'fp16': use float or int8"),
     "unknown model": ({"student.model": "resnet9"}, "key 'student.model': unknown model 'resnet9'"),
     "unknown method": ({"student.method": "dksd"}, "key 'student.method': unknown method 'dksd': did you mean"),

@@ -20,7 +20,10 @@ RESULT_FORMAT = "dskd-measurement/1"
 # 3: the timing protocol travels as one JSON document (--protocol), not one flag per field;
 #    runtime "torch-tensorrt" (Torch-TensorRT ExportedProgram, .ep)
 # 4: --pair-with: paired rounds of a candidate and its baseline in one process (pairing.py)
-RUNNER_VERSION = 4
+# 5: paired rounds interleave the two sides in short X Y Y X blocks inside each round (both
+#    sides see the same machine state); same output keys, but per-round numbers are not
+#    comparable with version 4's
+RUNNER_VERSION = 5
 ERROR_PREFIX = "runner-error:"
 
 EXIT_OK = 0

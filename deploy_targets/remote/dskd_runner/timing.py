@@ -34,6 +34,10 @@ class Timing:
     cpu_share: float  # process CPU time / wall time while timing (~1.0 on an idle machine)
     preemptions: int | None  # involuntary context switches while timing (Unix)
     others_cpu: float | None  # cores kept busy by other processes meanwhile (Linux)
+    # the raw totals behind the three shares above, so that blocks can be added (merge_timings)
+    span_s: float = 0.0  # wall seconds of the timed region
+    own_s: float = 0.0  # this process's CPU seconds in it
+    others_s: float | None = None  # other processes' busy CPU seconds in it
 
     def contended(self, protocol: Protocol) -> bool:
         busy = self.others_cpu is not None and self.others_cpu > protocol.max_other_cpu
@@ -84,7 +88,67 @@ def time_calls(
         step()
     wall: list[float] = []
     device: list[float] = []
-    truncated = False
+    state = {"truncated": False}
+
+    def more(elapsed: float) -> bool:
+        if len(wall) >= protocol.min_iters and elapsed >= protocol.min_seconds:
+            return False
+        if elapsed >= protocol.max_seconds:
+            state["truncated"] = True
+            return False
+        return True
+
+    timing = _timed_region(step, more, slowdown, wall, device)
+    timing.truncated = state["truncated"]
+    return timing
+
+
+def time_block(step: Callable[[], float | None], calls: int, slowdown: float = 0.0) -> Timing:
+    """One block of an interleaved A/B round: one untimed call (re-warm: caches and the
+    runtime's threads after the other model ran), then `calls` timed ones, with the same
+    per-call timing and the same CPU bookkeeping as time_calls. Blocks of one side add up
+    with merge_timings."""
+    step()
+    wall: list[float] = []
+    device: list[float] = []
+    return _timed_region(step, lambda _elapsed: len(wall) < max(1, calls), slowdown, wall, device)
+
+
+def merge_timings(blocks: list[Timing]) -> Timing:
+    """The blocks of one side as one Timing: samples in time order, CPU shares over the summed
+    timed spans (so a side's cpu_share/others_cpu mean what time_calls' do, over its blocks only)."""
+    span = sum(b.span_s for b in blocks)
+    own = sum(b.own_s for b in blocks)
+    switches = [b.preemptions for b in blocks]
+    others_s = [b.others_s for b in blocks]
+    known = None not in others_s and span > 0
+    others_total = sum(v for v in others_s if v is not None)
+    return Timing(
+        [v for b in blocks for v in b.wall_ms],
+        [v for b in blocks for v in b.device_ms],
+        any(b.truncated for b in blocks),
+        round(own / span, 4) if span > 0 else 1.0,
+        None if None in switches else sum(s for s in switches if s is not None),
+        round(others_total / span, 3) if known else None,
+        span, own, others_total if known else None,
+    )
+
+
+def _timed_region(
+    step: Callable[[], float | None],
+    more: Callable[[float], bool],
+    slowdown: float,
+    wall: list[float],
+    device: list[float],
+) -> Timing:
+    """Time calls of `step` into `wall`/`device` while `more(seconds since the first)` says so
+    (at least one call), with the garbage collector off and the process's and the machine's CPU
+    use recorded around them: the one timed loop behind time_calls and time_block.
+
+    `slowdown` (debug only) busy-waits `slowdown` x the call's own duration inside the timed
+    region: a known, proportional slowdown for calibrating the latency gate.
+    """
+    clock = time.perf_counter
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise, not model latency (as timeit does)
     switches0, cpu0, busy0 = _involuntary_switches(), time.process_time(), busy_cpu_seconds()
@@ -102,11 +166,7 @@ def time_calls(
             wall.append((t1 - t0) * 1e3)
             if reported is not None:
                 device.append(float(reported))
-            elapsed = t1 - begin
-            if len(wall) >= protocol.min_iters and elapsed >= protocol.min_seconds:
-                break
-            if elapsed >= protocol.max_seconds:
-                truncated = True
+            if not more(t1 - begin):
                 break
     finally:
         if gc_was_enabled:
@@ -116,10 +176,11 @@ def time_calls(
     busy1, switches1 = busy_cpu_seconds(), _involuntary_switches()
     cpu_share = own / span if span > 0 else 1.0
     preempted = None if switches0 is None or switches1 is None else switches1 - switches0
-    others = None
+    others = others_s = None
     if busy0 is not None and busy1 is not None and span > 0:
-        others = round(max(0.0, (busy1 - busy0) - own) / span, 3)
-    return Timing(wall, device, truncated, round(cpu_share, 4), preempted, others)
+        others_s = max(0.0, (busy1 - busy0) - own)
+        others = round(others_s / span, 3)
+    return Timing(wall, device, False, round(cpu_share, 4), preempted, others, span, own, others_s)
 
 
 def thin_samples(samples_ms: list[float], limit: int = MAX_SAMPLES_KEPT) -> list[float]:
@@ -179,6 +240,15 @@ def measure_latency(
         attempts += 1
         if not timing.contended(protocol) or timing.disturbance() < best.disturbance():
             best = timing
+    return latency_entry(backend, best, batch_size, protocol, attempts)
+
+
+def latency_entry(
+    backend: Any, best: Timing, batch_size: int, protocol: Protocol, attempts: int = 1
+) -> dict[str, Any]:
+    """The result entry of one batch size from its Timing (measure_latency's, or one side's
+    blocks of a paired round merged), so both are summarized and flagged the same way."""
+    cpu_bound = backend.name in CPU_RUNTIMES
     # A runtime that times its own calls (OpenVINO's InferRequest.latency, what benchmark_app
     # reports) gives the headline numbers; the Python wall clock around the call is kept.
     runtime_timed = backend.timer == "runtime" and len(best.device_ms) == len(best.wall_ms)
