@@ -113,6 +113,24 @@ def report_problems(value: Any, spec: Any = None, where: str = "") -> list[str]:
     return out
 
 
+def _not_a_file(p: Path) -> str:
+    """What is at `p` instead of a report file, in words (a FIFO or a link loop is not 'missing')."""
+    import errno
+    import stat
+
+    try:
+        p.lstat()
+    except OSError:
+        return "no report.json there"
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        return ("a symlink loop" if exc.errno == errno.ELOOP else "a dangling symlink") + ", not a report.json"
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device file",
+             stat.S_IFBLK: "a device file", stat.S_IFDIR: "a folder"}
+    return f"{kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a report.json"
+
+
 def load_report(path: str | None, flag: str = "--baseline") -> tuple[dict[str, Any] | None, Path | None]:
     """(report, its folder) from a report.json or its run folder; None, None for no path.
 
@@ -129,7 +147,7 @@ def load_report(path: str | None, flag: str = "--baseline") -> tuple[dict[str, A
     if p.is_dir():
         p = p / "report.json"
     if not p.is_file():
-        raise UserError(f"{prefix}{path}: no report.json there; {fix}")
+        raise UserError(f"{prefix}{path}: {_not_a_file(p)}; {fix}")
     if p.stat().st_size > MAX_REPORT_BYTES:
         raise UserError(f"{prefix}{p}: {p.stat().st_size} bytes is not a report; {fix}")
     try:

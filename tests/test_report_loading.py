@@ -120,6 +120,13 @@ def test_missing_or_special_baseline_paths(tmp_path: Path):
         load_report(str(tmp_path / "nope"))
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
-    with pytest.raises(UserError, match="no report.json there"):  # a FIFO is never opened (it would block)
+    with pytest.raises(UserError, match="fifo.json: a FIFO, not a report.json"):  # never opened (it would block)
         load_report(str(fifo))
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    with pytest.raises(UserError, match="loop_a: a symlink loop, not a report.json"):
+        load_report(str(tmp_path / "loop_a"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match="dangling: a dangling symlink, not a report.json"):
+        load_report(str(tmp_path / "dangling"))
     assert load_report(None) == (None, None)
