@@ -20,6 +20,7 @@ Results: bench/results/dskd_probes.json (resumable: a finished variant is kept u
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -114,12 +115,30 @@ def get_teacher(data: str, teacher_epochs: int, teacher_images: int) -> tuple[Pa
                                       "epochs": teacher_epochs, "train_images": teacher_images}
 
 
+def train_step(d: torch.nn.Module, opt: torch.optim.Optimizer, xs: torch.Tensor, ys: torch.Tensor, bundle: Any,
+               gen: torch.Generator, step: int, total: int, lr: float, batch: int) -> dict[str, torch.Tensor]:
+    """One probe-training step: cosine lr over `total` steps (the benchmark's schedule), a random
+    augmented batch, bf16 autocast, SGD; returns the distiller's named losses."""
+    from dskd.data import augment
+    from dskd.trainer import autocast_for
+
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    pick = torch.randint(0, len(xs), (batch,), generator=gen)
+    x, y = augment(xs[pick], bundle.mean, bundle.std, generator=gen), ys[pick]
+    with autocast_for("bf16", torch.device("cpu")):
+        _, losses = d(x, y, step / total)
+    loss = sum(v.float() for v in losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return losses
+
+
 def run_variant(name: str, options: dict[str, Any], data: str, teacher: Path, args: argparse.Namespace
                 ) -> dict[str, Any]:
     """Train DSKD `options` for args.steps steps; probes at the checkpoints on a fixed batch."""
-    import math
-
-    from dskd.data import augment, class_balanced_subset, load_data, normalize
+    from dskd.data import class_balanced_subset, load_data, normalize
     from dskd.methods import create_distiller
     from dskd.methods.probes import dskd_probes
     from dskd.models import create_model
@@ -155,16 +174,7 @@ def run_variant(name: str, options: dict[str, Any], data: str, teacher: Path, ar
         if step == args.steps:
             break
         t0 = time.perf_counter()
-        for group in opt.param_groups:  # cosine over the run, as the benchmark's schedule
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        pick = torch.randint(0, len(xs), (args.batch,), generator=gen)
-        x, y = augment(xs[pick], bundle.mean, bundle.std, generator=gen), ys[pick]
-        with autocast_for("bf16", torch.device("cpu")):
-            _, last_losses = d(x, y, step / args.steps)
-        loss = sum(v.float() for v in last_losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        last_losses = train_step(d, opt, xs, ys, bundle, gen, step, args.steps, args.lr, args.batch)
         train_seconds += time.perf_counter() - t0
     d.eval()
     with torch.no_grad(), autocast_for("bf16", torch.device("cpu")):

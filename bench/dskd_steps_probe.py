@@ -27,7 +27,6 @@ Writes bench/results/dskd_steps_probe.json (machine, load, seeds, command).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -60,25 +59,15 @@ def parse_ks(text: str) -> list[int]:
 
 def train_briefly(d: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor, bundle: Any, args: argparse.Namespace
                   ) -> dict[str, Any]:
-    """args.train_steps DSKD steps (SGD, cosine lr, bf16 autocast), progress = step / train_steps."""
-    from dskd.data import augment
-    from dskd.trainer import autocast_for
+    """args.train_steps DSKD steps (SGD, cosine lr, bf16 autocast), as bench/dskd_probes.py trains."""
+    from dskd_probes import train_step
 
     opt = torch.optim.SGD(list(d.trainable_parameters()), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     losses: dict[str, torch.Tensor] = {}
     for step in range(args.train_steps):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
-        pick = torch.randint(0, len(xs), (args.batch,), generator=gen)
-        x, y = augment(xs[pick], bundle.mean, bundle.std, generator=gen), ys[pick]
-        with autocast_for("bf16", torch.device("cpu")):
-            _, losses = d(x, y, step / args.train_steps)
-        loss = sum(v.float() for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        losses = train_step(d, opt, xs, ys, bundle, gen, step, args.train_steps, args.lr, args.batch)
     return {"steps": args.train_steps, "seconds": round(time.perf_counter() - t0, 1),
             "last_losses": {k: round(float(v.detach()), 4) for k, v in losses.items()}}
 

@@ -116,7 +116,8 @@ def report_problems(value: Any, spec: Any = None, where: str = "") -> list[str]:
 def _not_a_file(p: Path) -> str:
     """What is at `p` instead of a report file, in words (a FIFO or a link loop is not 'missing')."""
     import errno
-    import stat
+
+    from pipeline.file_kind import describe_mode
 
     try:
         p.lstat()
@@ -126,9 +127,7 @@ def _not_a_file(p: Path) -> str:
         mode = p.stat().st_mode
     except OSError as exc:
         return ("a symlink loop" if exc.errno == errno.ELOOP else "a dangling symlink") + ", not a report.json"
-    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device file",
-             stat.S_IFBLK: "a device file", stat.S_IFDIR: "a folder"}
-    return f"{kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a report.json"
+    return f"{describe_mode(mode)}, not a report.json"
 
 
 def load_report(path: str | None, flag: str = "--baseline") -> tuple[dict[str, Any] | None, Path | None]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from dskd.data.limits import human_bytes
 from dskd.errors import UserError
+from pipeline.file_kind import describe_mode
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "dskd-bundle/2"
@@ -46,20 +47,6 @@ def _fail(label: str, field: str, what: str) -> UserError:
                      "(rebuild the bundle)")
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def read_manifest(root: Path, label: str) -> dict[str, Any]:
     """The manifest as a dict with a checked schema, or a one-line UserError naming the field.
     `label` is the bundle as the user named it (folder, or "ARCHIVE: top-folder")."""
@@ -70,7 +57,7 @@ def read_manifest(root: Path, label: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{label}: no {MANIFEST}; pass a bundle folder (or .tar.gz) written by `pipeline run`") from None
     if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{shown}: is {_kind(st.st_mode)}, not a file; rebuild the bundle")
+        raise UserError(f"{shown}: is {describe_mode(st.st_mode)}, not a file; rebuild the bundle")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise UserError(f"{shown}: {human_bytes(st.st_size)}, over the {human_bytes(MAX_MANIFEST_BYTES)} cap; "
                         "rebuild the bundle")
@@ -178,9 +165,9 @@ def check_file(root: Path, rel: str, info: dict[str, Any]) -> str | None:
             return f"{rel}: cannot be read ({exc.strerror})"
         last = i == len(parts) - 1
         if not last and not stat.S_ISDIR(st.st_mode):
-            return f"{rel}: its folder {'/'.join(parts[:i + 1])} is {_kind(st.st_mode)}"
+            return f"{rel}: its folder {'/'.join(parts[:i + 1])} is {describe_mode(st.st_mode)}"
         if last and not stat.S_ISREG(st.st_mode):
-            return f"{rel}: is {_kind(st.st_mode)}; only regular files may be in a bundle"
+            return f"{rel}: is {describe_mode(st.st_mode)}; only regular files may be in a bundle"
     if st.st_size > MAX_FILE_BYTES:
         return f"{rel}: {human_bytes(st.st_size)}, over the {human_bytes(MAX_FILE_BYTES)} per-file cap"
     if st.st_size != info["size_bytes"]:
@@ -295,7 +282,7 @@ def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
     elif stat.S_ISREG(st.st_mode):
         n, problems = _check_archive(p, shown)
     else:
-        raise UserError(f"{shown}: is {_kind(st.st_mode)}; pass a bundle folder or its .tar.gz")
+        raise UserError(f"{shown}: is {describe_mode(st.st_mode)}; pass a bundle folder or its .tar.gz")
     return {"bundle": shown, "files": n, "problems": problems, "ok": not problems}
 
 

@@ -18,20 +18,10 @@ from typing import Any
 
 from dskd.checkpoint import file_sha256
 from dskd.errors import UserError
+from pipeline.file_kind import describe_mode
 
 _FIX = "restore the baseline run's files or point --baseline at a run folder that still has them"
 
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    return "not a regular file"
 
 
 def baseline_file_notes(report: dict[str, Any] | None, folder: Path | None, flag: str = "--baseline") -> list[str]:
@@ -59,7 +49,7 @@ def baseline_file_notes(report: dict[str, Any] | None, folder: Path | None, flag
                 continue
             raise UserError(f"{flag} {label}: {p}: cannot read it ({exc.strerror or exc}); {_FIX}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{flag} {label}: {p} is {_kind(st.st_mode)}, not the artifact file; {_FIX}")
+            raise UserError(f"{flag} {label}: {p} is {describe_mode(st.st_mode)}, not the artifact file; {_FIX}")
         want = row.get("sha256")
         if isinstance(want, str) and want:
             try:
