@@ -6,10 +6,10 @@ format registry (export/formats.py); this module applies them to files users han
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from dskd.errors import UserError
+from dskd.hashing import file_sha256
 from export import formats as registry
 from export.detect import checked_companion, ep_named_precision, ir_is_fake_quantized
 
@@ -110,8 +110,5 @@ def companion_files(path: str | Path, fmt: str) -> list[Path]:
 
 
 def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The artifact's sha256 (one hashing helper for the project: dskd.hashing)."""
+    return file_sha256(path)

@@ -12,7 +12,6 @@ A checkpoint is a plain dict of tensors and primitives so that it loads with
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -24,6 +23,7 @@ import torch
 
 from dskd.atomic import atomic_write
 from dskd.errors import UserError
+from dskd.hashing import file_sha256  # noqa: F401  (re-exported: callers import it from here)
 
 FORMAT = "dskd-model/1"
 REQUIRED_META = ("model", "num_classes", "class_names", "input_size", "in_chans", "mean", "std")
@@ -126,11 +126,3 @@ def build_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any
         raise UserError(f"{path}: weights do not fit a plain {meta['model']} ({str(exc).splitlines()[0][:160]})") from None
     model.eval()
     return model, meta
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -16,12 +16,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from dskd.checkpoint import file_sha256
 from dskd.errors import UserError
+from dskd.hashing import file_sha256
 from pipeline.file_kind import describe_mode
 
 _FIX = "restore the baseline run's files or point --baseline at a run folder that still has them"
-
 
 
 def baseline_file_notes(report: dict[str, Any] | None, folder: Path | None, flag: str = "--baseline") -> list[str]:

@@ -64,12 +64,6 @@ def block_calls(call_ms: float, protocol: Protocol) -> int:
     return max(MIN_BLOCK_CALLS, math.ceil(minimum / BLOCKS_PER_SIDE))
 
 
-def _done(t: Timing, protocol: Protocol) -> bool:
-    timed_s = t.span_s
-    return (len(t.wall_ms) >= protocol.min_iters and timed_s >= protocol.min_seconds) or (
-        timed_s >= protocol.max_seconds)
-
-
 def one_round(backends: dict[str, Any], batch: Any, sizes: dict[str, int], first: str,
               protocol: Protocol) -> dict[str, dict[str, Any]]:
     """Both sides of one round, their blocks interleaved; each side's entry in SIDE_KEYS."""
@@ -83,11 +77,12 @@ def one_round(backends: dict[str, Any], batch: Any, sizes: dict[str, int], first
         j += 1
         if j % 4 == 0:  # a whole X Y Y X group: both sides have the same number of blocks
             totals = {s: merge_timings(blocks[s]) for s in blocks}
-            if all(_done(t, protocol) for t in totals.values()):
+            if all(protocol.enough(len(t.wall_ms), t.span_s) or t.span_s >= protocol.max_seconds
+                   for t in totals.values()):
                 break
     out: dict[str, dict[str, Any]] = {}
     for side, total in totals.items():
-        total.truncated = total.span_s >= protocol.max_seconds and len(total.wall_ms) < protocol.min_iters
+        total.truncated = not protocol.enough(len(total.wall_ms), total.span_s)  # stopped by max_seconds
         entry = latency_entry(backends[side], total, 1, protocol)
         out[side] = {k: entry.get(k) for k in SIDE_KEYS}
     return out

@@ -88,6 +88,11 @@ class Protocol:
     contention_retries: int = 2
     max_other_cpu: float = 0.2
 
+    def enough(self, calls: int, seconds: float) -> bool:
+        """The stop rule of one timing: at least min_iters calls and min_seconds of them (a
+        timing that reaches max_seconds first is cut short: truncated)."""
+        return calls >= self.min_iters and seconds >= self.min_seconds
+
     def validate(self) -> None:
         if self.warmup_seconds < 0 or self.min_seconds < 0:
             raise RunnerError("usage", "warmup/min seconds must be >= 0", EXIT_USAGE)

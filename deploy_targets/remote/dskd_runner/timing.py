@@ -91,7 +91,7 @@ def time_calls(
     state = {"truncated": False}
 
     def more(elapsed: float) -> bool:
-        if len(wall) >= protocol.min_iters and elapsed >= protocol.min_seconds:
+        if protocol.enough(len(wall), elapsed):
             return False
         if elapsed >= protocol.max_seconds:
             state["truncated"] = True
