@@ -173,7 +173,8 @@ GRID: dict[str, list[tuple[str, dict[str, Any], str]]] = {
     # From H1's status note (/work/notes/h1_status.md): DSKD v2's candidates.
     "dskd": [
         ("dskd_v2", {}, "DSKD v2 defaults (teacher-space diffusion, FiLM GroupNorm denoiser)"),
-        ("dskd_cancel", {"target_mode": "cancel"}, "noise-cancelled target f_s + f̂ − f̂(s=0)"),
+        ("dskd_s100", {"guidance_scale": 100.0}, "guidance scale 100, what the recipe shipped before issue 15 "
+                                                 "(replaces target_mode cancel, last of the three in the v2 tuning)"),
         ("dskd_mse1", {"feature_mse": 1.0}, "LSHFM's L2 term beside the hash"),
     ],
 }
@@ -181,6 +182,24 @@ GRID: dict[str, list[tuple[str, dict[str, Any], str]]] = {
 NOFEAT = {"w_lsh": 0.0, "feature_mse": 0.0}
 # Reference-default rows shown beside the tuned ones (run only if their config differs from the pick).
 REFERENCE_ROWS = {"fitnet": "fitnet_ref", "lshfm": "lshfm_ref"}
+
+
+def is_current(rec: dict[str, Any] | None, method: str, changes: dict[str, Any]) -> bool:
+    """Whether a stored record was trained with what (method, changes) resolves to NOW.
+
+    Comparing `changes` alone kept records whose method defaults changed since (issue 15: DSKD's
+    `steps`, `denoiser_precision` and, earlier, `guidance_scale` moved while the cells stayed), so the
+    table showed numbers from code and settings that no longer ship. The resolved options are stored
+    with every record; a record without them, or with other values, is stale and is run again.
+    """
+    if rec is None or rec.get("method") != method or rec.get("changes") != changes:
+        return False
+    from dskd.methods.registry import resolve_method_options
+
+    try:
+        return rec.get("options") == resolve_method_options(method, changes)
+    except (UserError, KeyError):  # a method or option that no longer exists
+        return False
 
 
 def tuning_plan() -> list[tuple[str, str, dict[str, Any], str]]:
@@ -204,7 +223,7 @@ def picks(tuning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         scored = []
         for i, (cname, changes, _) in enumerate(GRID[method]):
             rec = tuning.get(f"{cname}/seed{TUNING_SEED}")
-            if rec and rec.get("method") == method and rec.get("changes") == changes:
+            if rec and is_current(rec, method, changes):
                 scored.append((-rec["holdout_top1"], i, cname, changes))
         complete = len(scored) == len(GRID[method])
         if scored:
@@ -383,8 +402,11 @@ def run_cell(b: Budget, data: str, teacher: Path, work: Path, variant: Variant, 
     kind = "tune" if holdout else "cells"
     out = work / kind / variant.name / f"seed{seed}"
     if out.exists() and (out / "summary.json").exists():
-        old = json.loads((out / "summary.json").read_text()).get("config", {})
-        if old.get("options") != variant.options:  # the folder holds an earlier definition: start over
+        summary = json.loads((out / "summary.json").read_text())
+        stored = {"method": variant.method, "changes": summary.get("config", {}).get("options"),
+                  "options": summary.get("options")}
+        if not is_current(stored, variant.method, variant.options):
+            # the folder holds an earlier definition (or other method defaults): start over
             import shutil
 
             shutil.rmtree(out)
@@ -519,7 +541,7 @@ def row_cells(data: dict[str, Any], v: Variant, main: list[Variant]) -> tuple[li
     if twin is not None and v not in main:
         src, note = twin, f" (= tuned pick, same cells as `{twin.name}`)"
     cells = sorted((c for c in data.get("cells", {}).values()
-                    if c["variant"] == src.name and c.get("changes") == src.options), key=lambda c: c["seed"])
+                    if c["variant"] == src.name and is_current(c, src.method, src.options)), key=lambda c: c["seed"])
     return cells, note
 
 
@@ -644,7 +666,7 @@ def render(data: dict[str, Any], results_path: Path, cross: dict[str, Any] | Non
     p = picks(tuning)
     for cname, method, changes, why in sorted(tuning_plan(), key=lambda r: METHOD_ORDER.index(r[1])):
         rec = tuning.get(f"{cname}/seed{TUNING_SEED}")
-        ok = rec is not None and rec.get("changes") == changes
+        ok = is_current(rec, method, changes)
         score = f"{rec['holdout_top1']:.2f}" if ok else "not run"
         secs = f"{rec['train_seconds']:.0f}" if ok else "—"
         load = f"{rec['load_avg_1m'][0]}" if ok and rec.get("load_avg_1m") else "—"
@@ -814,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             for cname, method, changes, why in plan[k::n]:
                 key = f"{cname}/seed{TUNING_SEED}"
                 old = results.load().get("tuning", {}).get(key)
-                if old is not None and old.get("changes") == changes and old.get("method") == method:
+                if is_current(old, method, changes):
                     continue
                 if not time_left():
                     print("[bench] --max-minutes reached; rerun to continue", flush=True)
@@ -829,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
             mine = plan[k::n]  # by position in the full plan, so shards never overlap
             for v, s in mine:
                 old = results.load().get("cells", {}).get(f"{v.name}/seed{s}")
-                if old is not None and old.get("changes") == v.options and old.get("method") == v.method:
+                if is_current(old, v.method, v.options):
                     continue
                 if not time_left():
                     print("[bench] --max-minutes reached; rerun to continue", flush=True)

@@ -68,8 +68,9 @@ def variants() -> list[tuple[str, str, dict[str, Any]]]:
     return [
         ("ce", "ce", {}), ("kd", "kd", {}), ("dkd", "dkd", {}), ("lshfm", "lshfm", {}),
         ("diffkd", "diffkd", {}), ("dskd", "dskd", dskd), ("dskd_nofeat", "dskd", {**dskd, "w_lsh": 0.0}),
-        # not shipped: the cheaper chain bench/dskd_steps_probe.py finds equivalent (issue 15 evidence)
-        ("dskd_steps3", "dskd", {**dskd, "steps": 3}),
+        # what shipped before issue 15's last pass: 5 DDIM steps, the denoiser under the trainer's bf16
+        # autocast; the same code otherwise, so this row is the before/after in one process
+        ("dskd_v2_steps5_bf16", "dskd", {**dskd, "steps": 5, "denoiser_precision": "autocast"}),
     ]
 
 

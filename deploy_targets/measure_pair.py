@@ -12,13 +12,15 @@ usually share file names (a baseline run's model.onnx against this run's model.o
 copied once per `pair_session`; every chunk then costs one runner start, not two per round.
 
 Which runtimes pair (PAIRING_RUNTIMES): the runner's pairing loads two backends of one runtime
-side by side and times them alternately with timing.measure_latency. ONNX Runtime and OpenVINO
-sessions (and Torch-TensorRT programs, on torch's one CUDA context) can live side by side.
-A TensorRT engine cannot yet: each TensorRtBackend makes and pushes its own CUDA context
-(backend_tensorrt.py) and the pairing loop does not make the right one current before timing a
-side, so the candidate would run under the baseline's context; and an engine timed with trtexec
-(--trtexec) is timed by a separate process per run anyway. TensorRT engines therefore keep one
-runner run per side (pipeline.regression_stats.interleaved_rounds).
+side by side and times them alternately in short blocks (pairing.py). ONNX Runtime and OpenVINO
+sessions live side by side; Torch-TensorRT programs and TensorRT engines run on the device's
+one primary CUDA context, and every call of a TensorRtBackend makes that context current on entry
+and releases it on exit (backend_tensorrt.py), so each side runs in the context its engine and
+buffers belong to whichever backend was made last, and closing one leaves the other intact.
+An engine timed with trtexec (`trtexec=`, --trtexec) does not pair: trtexec is a separate
+process per run, not a backend the runner can alternate with another, so `pairing_blocker`
+refuses it with that reason and such engines keep one run per side
+(pipeline.regression_stats.interleaved_rounds).
 """
 
 from __future__ import annotations
@@ -48,31 +50,37 @@ from .runner_command import runner_args
 from .ssh import DeviceSpec, SshOptions
 
 BASELINE_DIR = "baseline"  # the baseline's sub-folder of the device's temp folder
-PAIRING_RUNTIMES = ("onnxruntime", "openvino", "torch-tensorrt")
+# runtimes whose runner backends can live side by side in one process (module docstring)
+PAIRING_RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "torch-tensorrt")
 RoundsFn = Callable[[int, int], list[dict[str, Any]]]
 
 
 def pairing_blocker(target: str | Target, device: str | DeviceSpec | None = None,
-                    artifact: str | Path | None = None) -> str | None:
+                    artifact: str | Path | None = None, trtexec: str | None = None) -> str | None:
     """Why `artifact` (or the target's own format) cannot be paired in one runner process on
-    `target` (here or on `device`), or None when it can. A target that cannot run at all, or an
-    unreadable artifact, is reported too: its one-per-side path then gives the proper error."""
+    `target` (here or on `device`), or None when it can. `trtexec`: the engine would be timed
+    with that trtexec (measure's `trtexec`), which never pairs. A target that cannot run at
+    all, or an unreadable artifact, is reported too: its one-per-side path then gives the
+    proper error."""
     tgt = target if isinstance(target, Target) else get_target(target)
     try:
         resolve_where(tgt, device)
         runtime = runtime_for(tgt, artifact_format(artifact)) if artifact is not None else tgt.runtime
     except UserError as exc:
         return str(exc)
+    if runtime == "tensorrt" and trtexec:
+        return ("a TensorRT engine timed with trtexec (--trtexec) runs in a separate trtexec process "
+                "per run, which cannot alternate with the other side: one runner run per side, or "
+                "drop --trtexec to pair the engines in the runner's TensorRT backend")
     if runtime not in PAIRING_RUNTIMES:
-        return (f"{runtime} cannot hold two engines in one runner process (each makes its own CUDA "
-                "context): one runner run per side")
+        return f"{runtime} cannot hold two artifacts in one runner process: one runner run per side"
     return None
 
 
 def can_pair(target: str | Target, device: str | DeviceSpec | None = None,
-             artifact: str | Path | None = None) -> bool:
+             artifact: str | Path | None = None, trtexec: str | None = None) -> bool:
     """Whether candidate and baseline can be timed in one runner process (pairing_blocker)."""
-    return pairing_blocker(target, device, artifact) is None
+    return pairing_blocker(target, device, artifact, trtexec) is None
 
 
 def measure_pair(candidate: str | Path, baseline: str | Path, target: str | Target, *, rounds: int,
@@ -94,13 +102,15 @@ def pair_session(candidate: str | Path, baseline: str | Path, target: str | Targ
                  threads: int | str | None = None, protocol: Protocol | None = None,
                  eval_set: str | Path | None = None, input_shape: tuple[int, ...] | None = None,
                  ssh: SshOptions | None = None, remote_python: str = "python3",
-                 remote_tmp: str | None = None, timeout_s: float = 900.0) -> Iterator[RoundsFn]:
+                 remote_tmp: str | None = None, timeout_s: float = 900.0,
+                 trtexec: str | None = None) -> Iterator[RoundsFn]:
     """A `rounds(count, start)` function (regression_stats.paired_rounds' RoundsFn) timing the
     pair in one runner run per call; on a device the files are copied once, on entry, and the
-    temp folder is removed on exit, whatever happened."""
+    temp folder is removed on exit, whatever happened. `trtexec` is taken only to refuse it for
+    engines (pairing_blocker): paired rounds are always timed by the runner's own backends."""
     tgt = target if isinstance(target, Target) else get_target(target)
     cand, base = Path(candidate), Path(baseline)
-    why = pairing_blocker(tgt, device, cand)
+    why = pairing_blocker(tgt, device, cand, trtexec)
     if why is not None:
         raise UserError(f"target {tgt.name}: paired rounds impossible: {why}")
     fmt = artifact_format(cand)

@@ -231,7 +231,7 @@ class BaselineComparison(_JsonRecord):
     seconds: float | None = None
     budget_s: float | None = None
     tolerance: float | None = None
-    mode: str | None = None  # "paired in one runner process" | "one runner run per side" (TensorRT engines)
+    mode: str | None = None  # "paired in one runner process" | "one runner run per side" (measure_pair.pairing_blocker)
     _keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

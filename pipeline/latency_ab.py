@@ -2,12 +2,13 @@
 
 The deploy stage (`pipeline run --baseline`) and bench/latency_gate_power.py both call
 `interleaved_ab`, so the bench measures the gate exactly as it runs. Wherever the runner can
-hold both artifacts (deploy_targets.measure_pair.can_pair: ONNX Runtime, OpenVINO and
-Torch-TensorRT, on this machine or on a device over SSH) whole rounds are timed in one runner
-process (deploy_targets.measure_pair.pair_session, regression_stats.paired_rounds); on a device
-both artifacts are copied once and every chunk of rounds is one runner start. TensorRT engines
-(each backend makes its own CUDA context) get one runner run per side
-(regression_stats.interleaved_rounds).
+hold both artifacts (deploy_targets.measure_pair.can_pair: ONNX Runtime, OpenVINO,
+Torch-TensorRT and TensorRT engines timed by the runner's own backend, on this machine or on a
+device over SSH) whole rounds are timed in one runner process
+(deploy_targets.measure_pair.pair_session, regression_stats.paired_rounds); on a device both
+artifacts are copied once and every chunk of rounds is one runner start. Where the pair cannot
+share a process (measure_pair.pairing_blocker says why; an engine timed with trtexec is one)
+each side gets its own runner run (regression_stats.interleaved_rounds).
 """
 
 from __future__ import annotations

@@ -222,8 +222,8 @@ def interleaved_rounds(measure: Callable[[str], tuple[Any, ...]], tolerance: flo
     contended) or (p50 ms, contended, details); details (e.g. the runner's CPU share) are kept
     per round in `sides`, so the rounds can be re-examined later. The order alternates every
     round (C B, B C, C B ...) so a drift within a round, or a first-run effect, cannot favour
-    one side. This is the form for artifacts that cannot share one runner process (TensorRT
-    engines: one runner run per side); every other target times whole rounds in one runner
+    one side. This is the form for artifacts that cannot share one runner process
+    (deploy_targets.measure_pair.pairing_blocker); every other target times whole rounds in one runner
     process, here or over SSH (`paired_rounds`). Stopping: see `_sequential`.
     """
     def one_round(count: int, start: int) -> list[dict[str, Any]]:
@@ -340,7 +340,7 @@ def paired_usable(cand: dict[str, Any], base: dict[str, Any]) -> bool:
     blocks (dskd_runner/pairing.py), so both sides' `others_cpu` cover the same second of machine
     state and the half-core test rarely fires there (it still catches a neighbour that happened
     to load only one side's blocks). It is kept because the same rule judges the rounds of
-    targets that still take one runner run per side (`interleaved_rounds`: TensorRT engines),
+    artifacts that still take one runner run per side (`interleaved_rounds`: measure_pair.pairing_blocker),
     where it is what catches a neighbour that started or stopped between the two sides. The CPU-share test keeps its
     meaning in both forms: a side that did not get its core has inflated, bimodal call times
     whose median is not a stable basis for a ratio.

@@ -146,3 +146,40 @@ def test_fused_group_norm_forward_computes_the_module_path(time_cond: str) -> No
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             fused, ref = d(x, t).float(), d.forward_modules(x, t).float()
         assert (fused - ref).abs().max() <= 2e-2 * ref.abs().max()  # a few bf16 ulps of the largest value
+
+
+# -- issue 15: the float32 denoiser (DSKD's "auto" on CPU) ----------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_float32_denoiser_leaves_the_callers_autocast_and_computes_the_float32_oracle(precision: str) -> None:
+    """Under the trainer's bf16 autocast a float32 denoiser returns float32 and the float32 module path's
+    values, with autograd (channels-last) and without (the chain's NCHW layout): only speed differs."""
+    torch.manual_seed(0)
+    d = Denoiser(16, 1000, "film", "group", precision).train()
+    with torch.no_grad():
+        d.time_embed.weight.normal_(0.0, 1.0)
+        d.time_film.weight.normal_(0.0, 0.3)
+    x = torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(5)).contiguous(
+        memory_format=torch.channels_last)
+    for t in (75, torch.tensor([0, 100, 999, 5, 100, 3, 100, 7])):
+        ref = d.forward_modules(x, t).detach()  # float32, no autocast: the oracle
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            live = d(x, t)
+            with torch.no_grad():
+                chain = d(x, t)
+        assert live.dtype == chain.dtype == torch.float32
+        assert torch.allclose(live, ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(chain, ref, rtol=1e-5, atol=1e-5)
+        assert live.requires_grad and not chain.requires_grad
+    assert d.runs_float32(torch.device("cpu"))
+    assert d.runs_float32(torch.device("cuda")) == (precision == "float32")  # auto keeps autocast on a GPU
+
+
+def test_dskd_ships_the_auto_precision_and_three_steps_and_rejects_other_precisions() -> None:
+    d = create_distiller("dskd", TinyNet(16), TinyNet(32), {})
+    assert d.denoiser.precision == "auto" and d.options["steps"] == 3
+    with pytest.raises(Exception, match="denoiser_precision"):
+        create_distiller("dskd", TinyNet(16), TinyNet(32), {"denoiser_precision": "fp16"})
+    with pytest.raises(ValueError, match="precision"):
+        Denoiser(16, 1000, "film", "group", "half")

@@ -29,9 +29,29 @@ def cells(bench, scores: dict[str, list[float]]) -> dict[str, dict]:
     """Finished cells as the bench records them; options are those of the untuned picks."""
     main, refs, ablation = bench.variants({})
     options = {v.name: v.options for v in main + refs + ablation}
+    from dskd.methods.registry import resolve_method_options
+
     return {f"{v}/seed{s}": {"variant": v, "method": v.split("_")[0], "seed": s, "top1": t, "train_seconds": 1.0,
-                             "changes": options[v]}
+                             "changes": options[v], "options": resolve_method_options(v.split("_")[0], options[v])}
             for v, tops in scores.items() for s, t in enumerate(tops)}
+
+
+def test_a_record_trained_under_other_method_defaults_is_stale(bench) -> None:
+    """Same `changes`, but the method's defaults moved since (issue 15: DSKD's steps): not current."""
+    from dskd.methods.registry import resolve_method_options
+
+    now = resolve_method_options("dskd", {})
+    rec = {"method": "dskd", "changes": {}, "options": dict(now)}
+    assert bench.is_current(rec, "dskd", {})
+    assert not bench.is_current({**rec, "options": {**now, "steps": now["steps"] + 2}}, "dskd", {})
+    assert not bench.is_current({"method": "dskd", "changes": {}}, "dskd", {})  # no resolved options stored
+    assert not bench.is_current({**rec, "changes": {"w_lsh": 0.0}}, "dskd", {})
+    assert not bench.is_current(None, "dskd", {})
+    stale = cells(bench, {"dskd": [61.0, 62.0]})
+    stale["dskd/seed1"]["options"] = {**now, "steps": 5}
+    main, _, _ = bench.variants({})
+    shown, _ = bench.row_cells({"cells": stale}, next(v for v in main if v.name == "dskd"), main)
+    assert [c["seed"] for c in shown] == [0]  # the stale seed is not in the table
 
 
 BASELINES = {"ce": [50.0, 51.0, 50.5], "kd": [52.0, 52.5, 51.5], "dkd": [54.0, 55.0, 54.5],
@@ -59,18 +79,25 @@ def test_verdict_needs_a_gap_larger_than_the_seed_spread_and_the_branch_gain(ben
 
 
 def test_verdict_compares_with_the_better_of_tuned_and_reference_rows(bench) -> None:
-    tuning = {"lshfm_v1/seed0": {"method": "lshfm", "changes": bench.GRID["lshfm"][2][1], "holdout_top1": 60.0},
-              "lshfm_ref/seed0": {"method": "lshfm", "changes": {}, "holdout_top1": 50.0}}
+    from dskd.methods.registry import resolve_method_options
+
+    v1 = bench.GRID["lshfm"][2][1]
+    tuning = {"lshfm_v1/seed0": {"method": "lshfm", "changes": v1, "holdout_top1": 60.0,
+                                 "options": resolve_method_options("lshfm", v1)},
+              "lshfm_ref/seed0": {"method": "lshfm", "changes": {}, "holdout_top1": 50.0,
+                                  "options": resolve_method_options("lshfm", {})}}
     main, refs, _ = bench.variants(tuning)
     lshfm = next(v for v in main if v.name == "lshfm")
     assert lshfm.options == bench.GRID["lshfm"][2][1]
     data = {"cells": cells(bench, {**BASELINES, "dskd": [61.0, 61.5, 60.5], "dskd_nofeat": [50.0] * 3})}
     for s, t in enumerate([57.0, 57.5, 56.5]):  # the tuned pick is worse than the reference row here
         data["cells"][f"lshfm/seed{s}"] = {"variant": "lshfm", "method": "lshfm", "seed": s, "top1": t,
-                                           "train_seconds": 1.0, "changes": lshfm.options}
+                                           "train_seconds": 1.0, "changes": lshfm.options,
+                                           "options": resolve_method_options("lshfm", lshfm.options)}
     for s, t in enumerate([60.9, 61.0, 61.1]):
         data["cells"][f"lshfm_ref/seed{s}"] = {"variant": "lshfm_ref", "method": "lshfm", "seed": s, "top1": t,
-                                               "train_seconds": 1.0, "changes": {}}
+                                               "train_seconds": 1.0, "changes": {},
+                                               "options": resolve_method_options("lshfm", {})}
     lines = bench.verdict(data, bench.Budget(), tuning)
     (row,) = [ln for ln in lines if ln.startswith("- vs lshfm")]
     assert "best row: `lshfm_ref`" in row and "NOT above" in row
@@ -88,8 +115,11 @@ def test_pick_rule_and_equal_tuning_budget(bench) -> None:
         assert bench.GRID[method][0] == (ref, {}, bench.GRID[method][0][2])
 
     def rec(method: str, i: int, score: float) -> tuple[str, dict]:
+        from dskd.methods.registry import resolve_method_options
+
         name, changes, _ = bench.GRID[method][i]
-        return f"{name}/seed{bench.TUNING_SEED}", {"method": method, "changes": changes, "holdout_top1": score}
+        return f"{name}/seed{bench.TUNING_SEED}", {"method": method, "changes": changes, "holdout_top1": score,
+                                                   "options": resolve_method_options(method, changes)}
 
     tuning = dict([rec("kd", 0, 50.0), rec("kd", 1, 52.0), rec("kd", 2, 52.0), rec("dkd", 0, 40.0)])
     p = bench.picks(tuning)

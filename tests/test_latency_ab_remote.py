@@ -155,10 +155,11 @@ def test_interleaved_ab_pairs_a_device_target_and_catches_the_slowdown(
 def test_which_targets_pair(sshd: Sshd, models: dict[str, Path]):
     assert can_pair("ssh-cpu", sshd.device, models["fast"]) and can_pair("ssh-cpu", sshd.device)
     assert not can_pair("ssh-cpu")  # no device: its one-per-side path says to pass --device
-    for target in ("jetson-orin", "jetson-orin-nano"):
-        assert "CUDA context" in (pairing_blocker(target, sshd.device) or "")
-    with pytest.raises(UserError, match="paired rounds impossible"):
-        measure_pair(models["fast"], models["fast"], "jetson-orin", rounds=1, device=sshd.device)
+    for target in ("jetson-orin", "jetson-orin-nano"):  # engines pair in the runner's TensorRT backend
+        assert pairing_blocker(target, sshd.device) is None
+        assert "trtexec" in (pairing_blocker(target, sshd.device, trtexec="trtexec") or "")  # not with trtexec
+    with pytest.raises(UserError, match="paired rounds impossible: .*trtexec"):
+        measure_pair(models["fast"], models["fast"], "jetson-orin", rounds=1, device=sshd.device, trtexec="trtexec")
 
 
 @pytest.fixture()

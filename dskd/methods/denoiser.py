@@ -79,17 +79,21 @@ class Denoiser(nn.Module):
 
     TIME_CONDS = ("add", "film")
     NORMS = ("batch", "group")
+    PRECISIONS = ("autocast", "float32", "auto")
 
     def __init__(self, channels: int, num_train_timesteps: int = 1000, time_cond: str = "add",
-                 norm: str = "batch") -> None:
+                 norm: str = "batch", precision: str = "autocast") -> None:
         super().__init__()
         if time_cond not in self.TIME_CONDS:
             raise ValueError(f"time_cond must be one of {self.TIME_CONDS}, got {time_cond!r}")
         if norm not in self.NORMS:
             raise ValueError(f"norm must be one of {self.NORMS}, got {norm!r}")
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
         self.channels = channels
         self.time_cond = time_cond
         self.norm = norm
+        self.precision = precision
         self.time_embed = nn.Embedding(num_train_timesteps, channels)
         self.blocks = nn.Sequential(Bottleneck(channels, norm=norm), Bottleneck(channels, norm=norm))
         self.out = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), make_norm(norm, channels))
@@ -107,7 +111,23 @@ class Denoiser(nn.Module):
         rows = table(t.to(x.device, torch.long).clamp(min=0)).to(x.dtype)
         return rows.view(*rows.shape, 1, 1)
 
+    def runs_float32(self, device: torch.device) -> bool:
+        """Whether calls on `device` leave the caller's autocast for float32 (issue 15).
+
+        "auto" does so on CPU only: there, on these small maps (16-64 channels, 8×8), the bf16
+        convolutions do not pay for the casts around every float32 GroupNorm (bench/step_cost.py,
+        rows dskd and dskd_v2_steps5_bf16); on a GPU the caller's autocast is kept. Float32 is the
+        more exact of the two, not another function.
+        """
+        return self.precision == "float32" or (self.precision == "auto" and device.type == "cpu")
+
     def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        if self.runs_float32(x.device):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._forward_any(x.float(), t)
+        return self._forward_any(x, t)
+
+    def _forward_any(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         if self.norm == "group":
             return self._forward_fused(x, t)
         return self.forward_modules(x, t)
@@ -130,7 +150,7 @@ class Denoiser(nn.Module):
         float32 inputs, at the point where the module path cast the norm's output), and for one
         host-side t (the DDIM chain) each FiLM folds into its norm's affine, γ(1+s) and β(1+s)+b.
         """
-        x = x.float().contiguous(memory_format=torch.channels_last)
+        x = x.float().contiguous(memory_format=_fused_layout(x))
         h = x + self._rows(self.time_embed, t, x)
         film = self._rows(self.time_film, t, x).chunk(6, dim=1) if self.time_cond == "film" else None
         for i, block in enumerate(self.blocks):
@@ -140,6 +160,20 @@ class Denoiser(nn.Module):
             h = h + _film_norm(norm3, conv3(u), film[2 * i: 2 * i + 2] if film else None)
         conv, norm = self.out
         return _film_norm(norm, conv(h), film[4:6] if film else None)
+
+
+def _fused_layout(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last, except for float32 calls without autograd (the no-grad DDIM chain on CPU).
+
+    Why (CPU, torch 2.13, 128×64×8×8 maps, timed while writing this): float32 GroupNorm's NCHW
+    kernel beats its channels-last one, which decides a no-grad call; with autograd the channels-last
+    convolution backward wins, and bf16 convolutions are slower in NCHW (issue 15). The layout
+    changes the speed, not the result.
+    """
+    if x.dtype == torch.float32 and not torch.is_grad_enabled() and x.device.type == "cpu" \
+            and not torch.is_autocast_enabled(x.device.type):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _group_norm(norm: nn.Module, u: torch.Tensor, weight: torch.Tensor | None = None,

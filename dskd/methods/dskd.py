@@ -86,7 +86,8 @@ class DSKD(Distiller):
         width = c_t if self.teacher_space else c_s
         self.schedule = DiffusionSchedule(o["num_train_timesteps"], o["beta_start"], o["beta_end"])
         self.adapter = ConvAdapter(c_s, c_t)
-        self.denoiser = Denoiser(width, o["num_train_timesteps"], o["denoiser_time"], o["denoiser_norm"])
+        self.denoiser = Denoiser(width, o["num_train_timesteps"], o["denoiser_time"], o["denoiser_norm"],
+                                 o["denoiser_precision"])
         self.feature_stats = FeatureStats(width, enabled=o["feature_norm"])
         self.lsh: LSHHash | None = None
         if o["feature_loss"] == "lsh":

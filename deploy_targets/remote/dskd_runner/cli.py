@@ -107,6 +107,10 @@ def _check(cfg: RunConfig) -> None:
         raise RunnerError("usage", "--streams must be >= 0 (0: the runtime's choice)", EXIT_USAGE)
     if cfg.pair_with is not None and (cfg.pair_rounds < 1 or cfg.pair_start < 0):
         raise RunnerError("usage", "--pair-with needs --pair-rounds >= 1 and --pair-start >= 0", EXIT_USAGE)
+    if cfg.pair_with is not None and cfg.trtexec and cfg.runtime == "tensorrt":
+        # paired rounds time the runner's own backends; trtexec would time neither side
+        raise RunnerError("usage", "--pair-with cannot be combined with --trtexec (trtexec runs one engine "
+                          "per process): drop one of them", EXIT_USAGE)
     if cfg.pair_with is not None and not os.path.isfile(cfg.pair_with):
         raise RunnerError("bad-input", f"--pair-with {cfg.pair_with}: no such file", EXIT_BAD_INPUT)
 
