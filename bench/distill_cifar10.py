@@ -395,21 +395,47 @@ def final_losses(out: Path) -> dict[str, float]:
     return {k: round(v, 4) for k, v in lines[-1].items() if k.startswith("loss_")} if lines else {}
 
 
+CELL_MARKER = "bench_options.json"  # a cell folder's resolved options, written before its training starts
+
+
+def cell_folder_current(out: Path, variant: Variant) -> bool:
+    """Whether a cell's run folder, finished or half-trained, was made with what `variant` resolves to now.
+
+    The marker is written before training, so a half-trained folder (only a checkpoint) is resumed
+    only under the same resolved options; the trainer's own resume check compares `changes` alone.
+    A finished folder from before the marker is judged by its summary's resolved options.
+    """
+    try:
+        stored = json.loads((out / CELL_MARKER).read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored is None and (out / "summary.json").exists():
+        try:
+            summary = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return False
+        stored = {"method": variant.method, "changes": summary.get("config", {}).get("options"),
+                  "options": summary.get("options")}
+    return is_current(stored, variant.method, variant.options)
+
+
 def run_cell(b: Budget, data: str, teacher: Path, work: Path, variant: Variant, seed: int,
              holdout: float = 0.0) -> dict[str, Any]:
     from dskd.trainer import train
 
     kind = "tune" if holdout else "cells"
     out = work / kind / variant.name / f"seed{seed}"
-    if out.exists() and (out / "summary.json").exists():
-        summary = json.loads((out / "summary.json").read_text())
-        stored = {"method": variant.method, "changes": summary.get("config", {}).get("options"),
-                  "options": summary.get("options")}
-        if not is_current(stored, variant.method, variant.options):
-            # the folder holds an earlier definition (or other method defaults): start over
-            import shutil
+    if out.exists() and not cell_folder_current(out, variant):
+        # the folder holds an earlier definition (or other method defaults): start over
+        import shutil
 
-            shutil.rmtree(out)
+        shutil.rmtree(out)
+    from dskd.methods.registry import resolve_method_options
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / CELL_MARKER, json.dumps({"method": variant.method, "changes": variant.options,
+                                                     "options": resolve_method_options(variant.method,
+                                                                                       variant.options)}))
     cfg = student_config(b, data, variant.method, variant.options, seed, str(teacher), holdout)
     load0 = os.getloadavg()[0]
     summary = train(cfg, out, resume=True)

@@ -184,6 +184,8 @@ def mean_rows(per_seed: dict[str, Any]) -> dict[str, dict[str, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", default="1,2,3,5", help="DDIM step counts to compare")
+    ap.add_argument("--ref-steps", type=int, default=5,
+                    help="the step count every k is compared with (5: DiffKD's, what DSKD shipped before issue 15)")
     ap.add_argument("--train-steps", type=int, default=150, help="DSKD training steps before probing")
     ap.add_argument("--subset", type=int, default=5000, help="CIFAR-10 training images used")
     ap.add_argument("--batch", type=int, default=128)
@@ -201,6 +203,9 @@ def main() -> int:
         seeds = []
     if not seeds:
         print(f"error: --seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1", file=sys.stderr)
+        return 2
+    if args.ref_steps < 1:
+        print(f"error: --ref-steps {args.ref_steps} must be >= 1", file=sys.stderr)
         return 2
     if args.train_steps < 1:
         print(f"error: --train-steps {args.train_steps} must be >= 1", file=sys.stderr)
@@ -233,7 +238,7 @@ def main() -> int:
         t_model, _ = load_teacher(str(teacher_path), bundle.class_names, 3)
         student = create_model("resnet8", num_classes=len(bundle.class_names))
         d = create_distiller("dskd", student, t_model, options).train()
-        resolved, ref_steps = d.options, int(d.options["steps"])
+        resolved, ref_steps = d.options, args.ref_steps
         args.seed = seed
         training = train_briefly(d, bundle.train_x[idx], bundle.train_y[idx], bundle, args)
         print(f"[steps-probe] seed {seed}: trained {training['steps']} steps in {training['seconds']} s", flush=True)

@@ -236,6 +236,8 @@ def _interleaved_ratio(ctx: RunContext, cand: Path, base: Path, target_name: str
     """
     from pipeline.latency_ab import interleaved_ab
 
+    # Engines are timed by the runner's own TensorRT backend here, as in `_measure` (`target.trtexec`
+    # only builds engines; it never times them in a run), so they pair like every other format.
     g, t = ctx.recipe.gates, ctx.recipe.target
     rec = interleaved_ab(cand, base, target_name, precision, _protocol(ctx), g.max_latency_regression,
                          g.regression_budget_s, device=device, threads=t.threads or None, timeout_s=t.timeout_s,

@@ -176,9 +176,9 @@ def test_float32_denoiser_leaves_the_callers_autocast_and_computes_the_float32_o
     assert d.runs_float32(torch.device("cuda")) == (precision == "float32")  # auto keeps autocast on a GPU
 
 
-def test_dskd_ships_the_auto_precision_and_three_steps_and_rejects_other_precisions() -> None:
+def test_dskd_ships_the_auto_precision_and_rejects_other_precisions() -> None:
     d = create_distiller("dskd", TinyNet(16), TinyNet(32), {})
-    assert d.denoiser.precision == "auto" and d.options["steps"] == 3
+    assert d.denoiser.precision == "auto" and d.options["steps"] == 5
     with pytest.raises(Exception, match="denoiser_precision"):
         create_distiller("dskd", TinyNet(16), TinyNet(32), {"denoiser_precision": "fp16"})
     with pytest.raises(ValueError, match="precision"):

@@ -48,7 +48,7 @@ def test_a_record_trained_under_other_method_defaults_is_stale(bench) -> None:
     assert not bench.is_current({**rec, "changes": {"w_lsh": 0.0}}, "dskd", {})
     assert not bench.is_current(None, "dskd", {})
     stale = cells(bench, {"dskd": [61.0, 62.0]})
-    stale["dskd/seed1"]["options"] = {**now, "steps": 5}
+    stale["dskd/seed1"]["options"] = {**now, "steps": now["steps"] + 2}
     main, _, _ = bench.variants({})
     shown, _ = bench.row_cells({"cells": stale}, next(v for v in main if v.name == "dskd"), main)
     assert [c["seed"] for c in shown] == [0]  # the stale seed is not in the table
@@ -232,3 +232,23 @@ def test_cross_cells_train_at_the_students_lr_and_old_keys_stay_valid(bench) -> 
     # Budgets without a student lr keep the key their results files were written with.
     assert "student_lr" not in bench.BUDGETS["default"].key()
     assert bench.BUDGETS["default"].students_lr == bench.BUDGETS["default"].lr
+
+
+def test_a_half_trained_cell_folder_is_resumed_only_under_the_same_resolved_options(bench, tmp_path) -> None:
+    """The trainer's resume compares `changes`; a folder half-trained under other method defaults
+    (issue 15: DSKD's defaults moved) must start over, and one without any marker too."""
+    from dskd.methods.registry import resolve_method_options
+
+    v = bench.Variant("dskd", "dskd", {}, "DSKD")
+    out = tmp_path / "cell"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"checkpoint")
+    assert not bench.cell_folder_current(out, v)  # no marker, no summary: unknown options
+    now = resolve_method_options("dskd", {})
+    marker = out / bench.CELL_MARKER
+    marker.write_text(json.dumps({"method": "dskd", "changes": {}, "options": now}))
+    assert bench.cell_folder_current(out, v)
+    marker.write_text(json.dumps({"method": "dskd", "changes": {}, "options": {**now, "steps": now["steps"] + 2}}))
+    assert not bench.cell_folder_current(out, v)
+    marker.write_text("{not json")
+    assert not bench.cell_folder_current(out, v)

@@ -33,11 +33,11 @@ def test_list_methods_has_all_baselines_and_dskd() -> None:
 def test_dskd_defaults_follow_the_spec() -> None:
     # DSKD v2 (issue 14, docs/dskd.md): the defaults are the shipped formulation; the v1 spec's
     # starting values are dskd.methods.dskd.V1_OPTIONS + t0 400, s 1, spatial, adapter detached.
-    # steps 3 and the float32 denoiser on CPU: issue 15 (bench/results/dskd_steps_probe.json, step_cost.json).
+    # the float32 denoiser on CPU: issue 15; steps stays 5 (bench/results/dskd_steps_probe_v3.json).
     d = method_defaults("dskd")
     expected = {
         "guidance_scale": 1000.0, "guidance_target": "label", "guidance_form": "gradient",
-        "t0": 100, "steps": 3, "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+        "t0": 100, "steps": 5, "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
         "lsh_bits": None, "lsh_on": "pooled", "lsh_correct_only": False, "feature_mse": 0.0,
         "x0_source": "teacher", "detach_adapter_input": False, "alpha_kd": 1.0, "tau": 4.0,
         "w_ce": 1.0, "w_diff": 1.0, "w_adapt": 1.0, "w_lsh": 6.0, "feature_loss": "lsh",
@@ -244,7 +244,7 @@ def test_cost_report_counts_denoiser_next_to_teacher() -> None:
     mid = c // 4
     per_position = 2 * (c * mid + 9 * mid * mid + mid * c) + c * c
     assert report["denoiser_macs_per_call"] == per_position * 8 * 8  # 8×8 last map at 32 px
-    assert report["denoiser_calls_per_step"] == 1 + d.options["steps"] == 4  # L_diff + 3 DDIM steps
+    assert report["denoiser_calls_per_step"] == 1 + d.options["steps"] == 6  # L_diff + 5 DDIM steps
     assert report["teacher_macs"] == count_macs(teacher, 32)
     assert report["denoiser_macs_per_step"] < report["teacher_macs"]
     assert report["training_only_params"] == d.count_training_only_params()

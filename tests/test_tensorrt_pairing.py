@@ -1,5 +1,6 @@
-"""TensorRT engines paired in one runner process: each backend's CUDA calls run in the context its
-engine and buffers belong to, and the host pairs engines unless they are timed with trtexec.
+"""TensorRT engines paired in one runner process: every backend's CUDA calls run in the device's
+primary context, shared by all of them and made current once, and the host pairs engines unless
+they are timed with trtexec.
 
 Everything TensorRT here is a FAKE (tests/fakes/trt_runtime.py, no GPU on this machine): the FAKE
 `pycuda.driver` keeps pycuda's context stack, records the current context of every call in `LOG`
@@ -49,7 +50,11 @@ def fake_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Modul
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(lib))
     cuda = importlib.import_module("pycuda.driver")
+    from deploy_targets.remote.dskd_runner import backend_tensorrt
+
+    backend_tensorrt._PRIMARY.clear()  # a fresh process's state: no primary context retained yet
     yield cuda
+    backend_tensorrt._PRIMARY.clear()
     for name in FAKE_MODULES:
         sys.modules.pop(name, None)
 
@@ -106,13 +111,14 @@ def test_each_backend_runs_in_its_engines_context_in_pairing_order(fake_cuda: Mo
             be[name].prepare(x)
             assert be[name].timed_step(x) >= 0
             outputs[name] = be[name].infer(x)
-            assert fake_cuda.Context.get_current() is None  # nothing left current between calls
         for name in ("A", "B"):
             np.testing.assert_allclose(outputs[name], _expected(x, engines[name][1]), rtol=1e-5)
         # the FAKE refuses a call outside its engine's context, so reaching here already proves
         # it; the log says the same: every execute under the shared primary context, in order
         assert _executes(fake_cuda) == [(n, PRIMARY) for n in ("A", "A", "B", "B", "B", "B", "A", "A")]
         assert all(ctx == PRIMARY for op, ctx, _ in fake_cuda.LOG if op not in ("retain", "detach"))
+        assert not any(op in ("push", "pop") for op, _, _ in fake_cuda.LOG)  # no switch inside a timed call
+        assert [op for op, _, _ in fake_cuda.LOG].count("retain") == 0  # retained once, before these calls
     finally:
         for backend in be.values():
             backend.close()
@@ -141,17 +147,23 @@ def test_closing_one_backend_leaves_the_other_usable(fake_cuda: ModuleType, engi
     be = _backends(engines)
     other = "B" if closed_first == "A" else "A"
     x = np.ones((2, 3, 8, 8), np.float32)
+    be[other].prepare(x)
+    mem_other = set(fake_cuda._MEM)
     be[closed_first].close()
     be[closed_first].close()  # twice: harmless
-    assert fake_cuda._REFS == {PRIMARY: 1}  # only the other backend's reference is left
+    assert fake_cuda._REFS == {PRIMARY: 1}  # one retained primary context, shared, never detached
     np.testing.assert_allclose(be[other].infer(x), _expected(x, engines[other][1]), rtol=1e-5)
     assert be[other].timed_step(x) >= 0
+    assert set(fake_cuda._MEM) == mem_other  # the closed backend's buffers are freed, the other's kept
     be[other].close()
-    assert fake_cuda._REFS == {} and fake_cuda._MEM == {}  # context released, no buffer leaked
-    assert fake_cuda._STACK == [] and fake_cuda.WARNINGS == []  # nothing freed after its context went
+    assert fake_cuda._MEM == {}  # no buffer leaked
+    assert [c.handle for c in fake_cuda._STACK] == [PRIMARY] and fake_cuda.WARNINGS == []
+    with pytest.raises(RunnerError, match="used after close"):
+        be[other].timed_step(x)
 
 
-def test_a_failed_load_releases_its_context(fake_cuda: ModuleType, engines: dict, tmp_path: Path):
+def test_a_failed_load_frees_its_objects_and_leaves_the_shared_context(fake_cuda: ModuleType, engines: dict,
+                                                                       tmp_path: Path):
     from deploy_targets.remote.dskd_runner.backend_tensorrt import TensorRtBackend
 
     bad = tmp_path / "bad.engine"
@@ -159,7 +171,7 @@ def test_a_failed_load_releases_its_context(fake_cuda: ModuleType, engines: dict
     good = TensorRtBackend(str(engines["A"][0]))
     with pytest.raises(RunnerError, match="rebuild it on this device"):
         TensorRtBackend(str(bad))
-    assert fake_cuda._REFS == {PRIMARY: 1} and fake_cuda._STACK == []
+    assert fake_cuda._REFS == {PRIMARY: 1} and [c.handle for c in fake_cuda._STACK] == [PRIMARY]
     x = np.ones((1, 3, 8, 8), np.float32)
     np.testing.assert_allclose(good.infer(x), _expected(x, engines["A"][1]), rtol=1e-5)
     good.close()

@@ -114,10 +114,10 @@ class Denoiser(nn.Module):
     def runs_float32(self, device: torch.device) -> bool:
         """Whether calls on `device` leave the caller's autocast for float32 (issue 15).
 
-        "auto" does so on CPU only: there, on these small maps (16-64 channels, 8×8), the bf16
-        convolutions do not pay for the casts around every float32 GroupNorm (bench/step_cost.py,
-        rows dskd and dskd_v2_steps5_bf16); on a GPU the caller's autocast is kept. Float32 is the
-        more exact of the two, not another function.
+        "auto" does so on CPU only, where the GroupNorms run in float32 anyway and bf16 convolutions
+        on these small maps (16-64 channels, 8×8) save nothing measurable in a whole step
+        (bench/step_cost.py, rows dskd and dskd_v2_bf16: within the run-to-run spread); float32 is the
+        exact arithmetic of the oracle, so it is the one kept. On a GPU the caller's autocast stays.
         """
         return self.precision == "float32" or (self.precision == "auto" and device.type == "cpu")
 
@@ -150,7 +150,8 @@ class Denoiser(nn.Module):
         float32 inputs, at the point where the module path cast the norm's output), and for one
         host-side t (the DDIM chain) each FiLM folds into its norm's affine, γ(1+s) and β(1+s)+b.
         """
-        x = x.float().contiguous(memory_format=_fused_layout(x))
+        x = x.float()
+        x = x.contiguous(memory_format=_fused_layout(x))
         h = x + self._rows(self.time_embed, t, x)
         film = self._rows(self.time_film, t, x).chunk(6, dim=1) if self.time_cond == "film" else None
         for i, block in enumerate(self.blocks):

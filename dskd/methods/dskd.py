@@ -244,7 +244,7 @@ class DSKD(Distiller):
         inv_hw = 1.0 / (x.shape[-2] * x.shape[-1])
         pooled_x = global_pool(x)
         for t, t_prev in steps:
-            eps = self.denoiser(x, t).float()  # under the caller's autocast, as every denoiser call
+            eps = self.denoiser(x, t).float()  # in the denoiser's precision (denoiser_precision), as every call
             a = self.schedule.alpha_bar_value(t)
             sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
             c_x, c_eps = self.schedule.ddim_coefficients(t, t_prev)

@@ -38,6 +38,7 @@ def check_diffusion_options(method: str, options: dict) -> None:
 V1_OPTIONS: dict[str, object] = {
     "diffusion_space": "student", "x0_source": "self", "denoiser_time": "add", "denoiser_norm": "batch",
     "feature_norm": False, "lsh_head_planes": False, "feature_start": 0.0,
+    "steps": 5, "denoiser_precision": "autocast",  # v1's chain and precision (the defaults moved in issue 15)
 }
 
 
@@ -56,9 +57,8 @@ DSKD_OPTIONS: dict[str, Opt] = {
                    choices=("off", "compile")),
     **DIFFUSION_OPTIONS,
     "t0": Opt(100, int, "SDEdit start step of the denoising chain", low=0),
-    # 3, not DiffKD's 5: at t0 = 100 f̂ after 3 DDIM steps is as close to f̂ after 5 as f̂ after 5 is to
-    # itself under another noise draw (bench/results/dskd_steps_probe.json); 1 and 2 steps differ (issue 15)
-    "steps": Opt(3, int, "DDIM steps from t0 to 0", low=1, high=1000),
+    # steps stays DiffKD's 5: at the shipped s = 1000, f̂ after 3 steps differs from f̂ after 5 by more
+    # than another noise draw does (bench/results/dskd_steps_probe_v3.json); at s = 100 it did not (issue 15)
     "diffusion_space": Opt("teacher", str, "where the denoiser works: the teacher's feature space (the "
                            "student's features reach it through the adapter) or the student's",
                            choices=("teacher", "student")),
@@ -71,8 +71,9 @@ DSKD_OPTIONS: dict[str, Opt] = {
                          choices=("add", "film")),
     "denoiser_norm": Opt("group", str, "denoiser norms: group (per-sample statistics, the same in train "
                          "and eval mode) or batch (v1)", choices=("group", "batch")),
-    "denoiser_precision": Opt("auto", str, "denoiser arithmetic: auto = float32 on CPU (faster there on these "
-                              "small maps), the trainer's autocast elsewhere; or always autocast / float32",
+    "denoiser_precision": Opt("auto", str, "denoiser arithmetic: auto = float32 on CPU (the exact arithmetic, "
+                              "at no measured cost there), the trainer's autocast elsewhere; or always "
+                              "autocast / float32",
                               choices=("auto", "autocast", "float32")),
     "target_mode": Opt("sample", str, "the feature-loss target: sample = f̂ itself; cancel = start + "
                        "f̂ − f̂(s=0) on shared noise (only what guidance changed); invert = DDIM "

@@ -4,27 +4,23 @@ NOT run on this project's machines (no TensorRT here): tested against the FAKE t
 pycuda of the test suite, which checks the calls, the parsing and which CUDA context is
 current at each call, not real engines.
 
-CUDA context (why the device's PRIMARY context, made current around every call): the
-runner's pairing (pairing.py) keeps a candidate and a baseline backend alive in one process
-and times them alternately (X Y Y X blocks). TensorRT runs an engine, and frees its memory,
-in whatever CUDA context is current on the thread, and an engine's execution context,
-buffers, stream and events belong to the context that was current when they were made. With
-one context per backend, made current once at creation (the earlier design), the backend made
-last stayed current and the other one's engine ran under it. So here:
-
-* every backend retains the device's primary context (pycuda `Device.retain_primary_context`,
-  cuDevicePrimaryCtxRetain): one context for all engines of the process, as NVIDIA advises for
-  several engines on one GPU (no context switch between them, one context's memory overhead,
-  the context torch and the CUDA runtime use too, so a Torch-TensorRT side pairs the same way);
-* every call that touches CUDA state (load, prepare, each timed call, infer, close) pushes it on
-  entry and pops it on exit (`_current`), so the call runs in the right context whatever the
-  thread did before, and nothing stays current between calls: creation order and closing
-  order cannot leave one backend under another's context. Push/pop of an already-alive
-  context is a driver call of about a microsecond, paid equally by both sides of a pair;
-* close frees this backend's buffers, stream, events and TensorRT objects with the context
-  current, then detaches its own reference (cuDevicePrimaryCtxRelease). The driver resets
-  the primary context only when its last reference goes, so closing one backend leaves the
-  other's engine and buffers intact.
+CUDA context (why ONE primary context, current for the whole runner process): the runner's
+pairing (pairing.py) keeps a candidate and a baseline backend alive in one process and times
+them alternately (X Y Y X blocks). TensorRT runs an engine, and frees its memory, in whatever
+CUDA context is current on the thread, and an engine's execution context, buffers, stream and
+events belong to the context current when they were made. With one context per backend (the
+earlier design) the backend made last stayed current and the other one's engine ran under it.
+So every backend of the process uses the device's primary context (pycuda
+`Device.retain_primary_context`, cuDevicePrimaryCtxRetain), retained once and made current once
+by the first backend (`_primary_context`), as NVIDIA advises for several engines on one GPU: no
+context switch between them, one context's memory, and the context torch and the CUDA runtime
+use, so a Torch-TensorRT side shares it too. The runner is single-threaded, so nothing makes
+another context current in between, and no push/pop sits inside a timed call. It is never
+detached while the process lives: pycuda's `detach` of a primary context that is not current
+pushes it and releases it without a pop (src/cpp/cuda.hpp), and releasing it while another
+backend lives would reset that backend's memory; the driver frees it at process exit. `close`
+frees this backend's buffers, stream, events and TensorRT objects (the shared context is
+current), so closing one backend leaves the other intact.
 
 Needs pycuda >= 2017.1 (retain_primary_context; JetPack's and PyPI's current pycuda have it).
 """
@@ -32,7 +28,6 @@ Needs pycuda >= 2017.1 (retain_primary_context; JetPack's and PyPI's current pyc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from ._numpy import np
@@ -43,6 +38,18 @@ from .protocol import EXIT_BAD_INPUT, EXIT_RUNTIME_FAILURE, RunnerError
 def cuda_version_string(v: int) -> str:
     """12040 -> '12.4' (the CUDA driver API's integer version)."""
     return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+_PRIMARY: list[Any] = []  # the device's retained primary context, current for the rest of the process
+
+
+def _primary_context(device: Any) -> Any:
+    """The primary context of `device`: retained and made current by the first caller, then shared."""
+    if not _PRIMARY:
+        ctx = device.retain_primary_context()
+        ctx.push()
+        _PRIMARY.append(ctx)
+    return _PRIMARY[0]
 
 
 class TensorRtBackend(Backend):
@@ -68,23 +75,14 @@ class TensorRtBackend(Backend):
         self.context = self.engine = self.stream = self.start_evt = self.end_evt = None
         self.h_in = self.h_out = self.d_in = self.d_out = None
         self._bound_shape: tuple[int, ...] | None = None
-        # our reference to the primary context (not made current here: _current does that)
-        self.context_cuda: Any = self.device.retain_primary_context()
+        self.context_cuda: Any = _primary_context(self.device)  # shared by every backend (module docstring)
+        self._closed = False
         try:
-            with self._current():
-                self._load(artifact, trt)
+            self._load(artifact, trt)
         except BaseException:
-            self.close()
+            with contextlib.suppress(Exception):  # the load error is the one to report
+                self.close()
             raise
-
-    @contextlib.contextmanager
-    def _current(self) -> Iterator[None]:
-        """Our CUDA context current for the block, the thread's previous state after it."""
-        self.context_cuda.push()
-        try:
-            yield
-        finally:
-            self.cuda.Context.pop()
 
     def _load(self, artifact: str, trt: Any) -> None:
         cuda = self.cuda
@@ -122,13 +120,7 @@ class TensorRtBackend(Backend):
         self.start_evt, self.end_evt = cuda.Event(), cuda.Event()
 
     def prepare(self, batch: Any) -> None:
-        if self._bound_shape == batch.shape:
-            return
-        with self._current():
-            self._prepare(batch)
-
-    def _prepare(self, batch: Any) -> None:
-        """Bind buffers for batch.shape (our context current)."""
+        """Bind buffers for batch.shape (the shared context is current)."""
         if self._bound_shape == batch.shape:
             return
         cuda = self.cuda
@@ -149,7 +141,9 @@ class TensorRtBackend(Backend):
         self._bound_shape = tuple(batch.shape)
 
     def _run(self, batch: Any) -> float:
-        """One H2D + execute + D2H (our context current); the GPU ms of execute."""
+        """One H2D + execute + D2H; the GPU ms of execute."""
+        if self._closed:
+            raise RunnerError("runtime", "tensorrt backend used after close", EXIT_RUNTIME_FAILURE)
         cuda = self.cuda
         np.copyto(self.h_in, batch, casting="same_kind")
         cuda.memcpy_htod_async(self.d_in, self.h_in, self.stream)
@@ -162,17 +156,12 @@ class TensorRtBackend(Backend):
         return float(self.start_evt.time_till(self.end_evt))
 
     def timed_step(self, batch: Any) -> float | None:
-        self.context_cuda.push()  # _current inline: this is the timed call
-        try:
-            return self._run(batch)
-        finally:
-            self.cuda.Context.pop()
+        return self._run(batch)
 
     def infer(self, batch: Any) -> Any:
-        with self._current():
-            self._prepare(batch)
-            self._run(batch)
-            return np.array(self.h_out, dtype=np.float32)
+        self.prepare(batch)
+        self._run(batch)
+        return np.array(self.h_out, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
         cuda = self.cuda  # device queries: no context needed
@@ -191,21 +180,19 @@ class TensorRtBackend(Backend):
         self.d_in = self.d_out = None
 
     def close(self) -> None:
-        """Free our buffers, stream, events and TensorRT objects with our context current,
-        then release our reference to it (the other backend's reference keeps it alive).
-        Safe to call twice, and after a failed load."""
-        ctx, self.context_cuda = self.context_cuda, None
-        if ctx is None:
+        """Free our buffers, stream, events and TensorRT objects in the shared context (current).
+
+        The context itself stays: another backend may live in it (module docstring). Safe to call
+        twice, and after a failed load.
+        """
+        if self._closed:
             return
-        ctx.push()
+        self._closed = True
         try:
             self._free_device_buffers()
-            # dropped here, not left to the garbage collector: pycuda and TensorRT free them
-            # in the context current now, which must be ours (execution context before engine)
+        finally:
+            # dropped here, not left to the garbage collector (execution context before engine)
             self.h_in = self.h_out = self.stream = self.start_evt = self.end_evt = None
             self.context = None
             self.engine = None
             self._bound_shape = None
-        finally:
-            self.cuda.Context.pop()
-            ctx.detach()
