@@ -235,6 +235,9 @@ def check_recipe(recipe: Recipe) -> None:
                             f"choose from {', '.join(list_models())}")
         method = "ce" if name == "teacher" else section.method  # the teacher stage always trains with CE
         named(f"{name}.method", lambda m=method: resolve_method_options(m, {}))
+        if isinstance(section.options, dict):  # one option at a time, so `--set student.options.t0=-5` names --set
+            for key, value in section.options.items():
+                named(f"{name}.options.{key}", lambda m=method, k=key, v=value: resolve_method_options(m, {k: v}))
         named(f"{name}.options", lambda m=method, o=section.options: resolve_method_options(m, o))
 
 

@@ -149,6 +149,11 @@ def test_a_bad_value_in_the_file_names_the_file_and_key(capsys, tmp_path):
     (["--set", "teacher.method=\"kd\""], "key 'teacher.method' is not read: the teacher trains with ce"),
     (["--set", "teacher.checkpoint=\"/no/such/model.pt\""], "error: --set: key 'teacher.checkpoint' '/no/such/model.pt': no such file"),
     (["--force", "distil"], "--force distil: not a stage"),
+    # a method option set with --set is named as typed, not as the recipe file's [student.options]
+    (["--set", "student.method=\"dskd\"", "--set", "student.options.t0=-5"],
+     "error: --set: key 'student.options.t0': option dskd.t0=-5 is out of range"),
+    (["--set", "student.method=\"dskd\"", "--set", "student.options.denoiser_precision=\"fp16\""],
+     "error: --set: key 'student.options.denoiser_precision': option dskd.denoiser_precision='fp16' is not valid"),
 ])
 def test_flags_and_inputs_are_named_as_typed(args, expected, capsys, tmp_path):
     code, err = _run(capsys, tmp_path, *args)

@@ -30,7 +30,7 @@ CASES = {
     "unknown model": ({"student.model": "resnet9"}, "key 'student.model': unknown model 'resnet9'"),
     "unknown method": ({"student.method": "dksd"}, "key 'student.method': unknown method 'dksd': did you mean"),
     "unknown method option": ({"student.options.temprature": 2.0},
-                              "key 'student.options': unknown option kd.temprature: did you mean kd.tau?"),
+                              "key 'student.options.temprature': unknown option kd.temprature: did you mean kd.tau?"),
     "gate on a metric that does not exist": ({"gates.min_latency_ms": 5.0},
                                              "unknown key 'gates.min_latency_ms'; did you mean 'gates.max_latency_ms'?"),
     "unknown latency percentile": ({"gates.latency_percentile": "p95"},
