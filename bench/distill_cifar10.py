@@ -188,7 +188,7 @@ def is_current(rec: dict[str, Any] | None, method: str, changes: dict[str, Any])
     """Whether a stored record was trained with what (method, changes) resolves to NOW.
 
     Comparing `changes` alone kept records whose method defaults changed since (issue 15: DSKD's
-    `steps`, `denoiser_precision` and, earlier, `guidance_scale` moved while the cells stayed), so the
+    `denoiser_precision` and, earlier, `guidance_scale` moved while the cells stayed), so the
     table showed numbers from code and settings that no longer ship. The resolved options are stored
     with every record; a record without them, or with other values, is stale and is run again.
     """
