@@ -183,3 +183,26 @@ def test_dskd_ships_the_auto_precision_and_rejects_other_precisions() -> None:
         create_distiller("dskd", TinyNet(16), TinyNet(32), {"denoiser_precision": "fp16"})
     with pytest.raises(ValueError, match="precision"):
         Denoiser(16, 1000, "film", "group", "half")
+
+
+def test_no_grad_chain_call_runs_nchw_even_when_the_trainer_made_the_weights_channels_last() -> None:
+    """The trainer converts the distiller to channels-last; a channels-last conv weight would make every
+    output channels-last again (and the chain's GroupNorms several times slower on CPU). The no-grad
+    float32 call must come out in NCHW strides, equal to the oracle, and leave the stored weights alone."""
+    torch.manual_seed(0)
+    d = Denoiser(16, 1000, "film", "group", "auto").train()
+    with torch.no_grad():
+        d.time_film.weight.normal_(0.0, 0.3)
+    d = d.to(memory_format=torch.channels_last)
+    weight_strides = {n: p.stride() for n, p in d.named_parameters()}
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in d.parameters())  # really converted
+    x = torch.randn(8, 16, 4, 4, generator=torch.Generator().manual_seed(6)).contiguous(
+        memory_format=torch.channels_last)
+    nchw = torch.empty(8, 16, 4, 4).stride()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        chain = d(x, 75)
+    assert chain.stride() == nchw
+    assert torch.allclose(chain, d.forward_modules(x, 75).detach(), rtol=1e-5, atol=1e-5)
+    assert {n: p.stride() for n, p in d.named_parameters()} == weight_strides
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with autograd the trainer's channels-last stays
+        assert d(x, 75).is_contiguous(memory_format=torch.channels_last)

@@ -115,9 +115,10 @@ class Denoiser(nn.Module):
         """Whether calls on `device` leave the caller's autocast for float32 (issue 15).
 
         "auto" does so on CPU only, where the GroupNorms run in float32 anyway and bf16 convolutions
-        on these small maps (16-64 channels, 8×8) save nothing measurable in a whole step
-        (bench/step_cost.py, rows dskd and dskd_v2_bf16: within the run-to-run spread); float32 is the
-        exact arithmetic of the oracle, so it is the one kept. On a GPU the caller's autocast stays.
+        on these small maps (16-64 channels, 8×8) save nothing; float32 is the exact arithmetic of the
+        oracle, and its no-grad chain calls run NCHW (`_fused_layout`, `_conv`), which made a whole
+        DSKD step cheaper than under bf16 autocast in every run of bench/step_cost.py's v4 tables
+        (rows dskd and dskd_v2_bf16). On a GPU the caller's autocast stays.
         """
         return self.precision == "float32" or (self.precision == "auto" and device.type == "cpu")
 
@@ -151,16 +152,17 @@ class Denoiser(nn.Module):
         host-side t (the DDIM chain) each FiLM folds into its norm's affine, γ(1+s) and β(1+s)+b.
         """
         x = x.float()
-        x = x.contiguous(memory_format=_fused_layout(x))
+        layout = _fused_layout(x)
+        x = x.contiguous(memory_format=layout)
         h = x + self._rows(self.time_embed, t, x)
         film = self._rows(self.time_film, t, x).chunk(6, dim=1) if self.time_cond == "film" else None
         for i, block in enumerate(self.blocks):
             conv1, norm1, _, conv2, norm2, _, conv3, norm3 = block.block
-            u = _group_norm(norm1, conv1(h)).relu_()
-            u = _group_norm(norm2, conv2(u)).relu_()
-            h = h + _film_norm(norm3, conv3(u), film[2 * i: 2 * i + 2] if film else None)
+            u = _group_norm(norm1, _conv(conv1, h, layout)).relu_()
+            u = _group_norm(norm2, _conv(conv2, u, layout)).relu_()
+            h = h + _film_norm(norm3, _conv(conv3, u, layout), film[2 * i: 2 * i + 2] if film else None)
         conv, norm = self.out
-        return _film_norm(norm, conv(h), film[4:6] if film else None)
+        return _film_norm(norm, _conv(conv, h, layout), film[4:6] if film else None)
 
 
 def _fused_layout(x: torch.Tensor) -> torch.memory_format:
@@ -176,6 +178,31 @@ def _fused_layout(x: torch.Tensor) -> torch.memory_format:
     if not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         return torch.contiguous_format
     return torch.channels_last
+
+
+def _conv(conv: nn.Conv2d, u: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """`conv(u)`, with an NCHW copy of the weight when the maps are NCHW, so the output stays NCHW.
+
+    Why: the trainer converts the whole distiller to channels-last (`TrainConfig.channels_last`), and
+    a channels-last weight makes a channels-last output whatever the input's layout. So the no-grad
+    chain meant to run NCHW ran channels-last in training after all, paying a layout copy and the
+    slow channels-last GroupNorm around every conv (issue 15; CPU, the bench's resnet20 → resnet8
+    DSKD after trainer-style channels-last conversion, one chain of 5 calls timed alone while writing
+    this: ~80 ms with the weights as stored, ~38 ms with NCHW copies). The copies are a few KB each;
+    the result is the same to float32 rounding. With autograd the maps are channels-last like the
+    weights (`_fused_layout`), and the weight is used as stored.
+    """
+    weight = conv.weight
+    # strides, not is_contiguous(): a channels-last 1×1 weight passes that test in either layout
+    if layout == torch.contiguous_format and weight.stride() != _nchw_strides(weight):
+        weight = weight.clone(memory_format=torch.contiguous_format)
+    return F.conv2d(u, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _nchw_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a dense NCHW tensor of t's (4-d) shape."""
+    _, c, h, w = t.shape
+    return (c * h * w, h * w, w, 1)
 
 
 def _group_norm(norm: nn.Module, u: torch.Tensor, weight: torch.Tensor | None = None,

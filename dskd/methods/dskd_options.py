@@ -72,7 +72,7 @@ DSKD_OPTIONS: dict[str, Opt] = {
     "denoiser_norm": Opt("group", str, "denoiser norms: group (per-sample statistics, the same in train "
                          "and eval mode) or batch (v1)", choices=("group", "batch")),
     "denoiser_precision": Opt("auto", str, "denoiser arithmetic: auto = float32 on CPU (the exact arithmetic, "
-                              "at no measured cost there), the trainer's autocast elsewhere; or always "
+                              "and the cheaper step there), the trainer's autocast elsewhere; or always "
                               "autocast / float32",
                               choices=("auto", "autocast", "float32")),
     "target_mode": Opt("sample", str, "the feature-loss target: sample = f̂ itself; cancel = start + "
