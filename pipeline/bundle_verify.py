@@ -121,6 +121,24 @@ def check_schema(m: Any, label: str) -> None:
                                       and isinstance(build.get("inputs"), list)
                                       and all(isinstance(f, str) for f in build["inputs"])):
             raise _fail(label, f"{where}.build", "must be an object with script and inputs")
+    if "passed" in m and not isinstance(m["passed"], bool):
+        raise _fail(label, "passed", "must be true or false (the run's gate verdict)")
+    gates = m.get("gates")
+    if gates is not None and not (isinstance(gates, list) and all(
+            isinstance(g, dict) and isinstance(g.get("name"), str) and isinstance(g.get("passed"), bool)
+            for g in gates)):
+        raise _fail(label, "gates", "must be a list of gate rows with a name and passed true/false")
+
+
+def gate_verdict(m: dict[str, Any]) -> tuple[bool | None, list[str]]:
+    """The verdict of the run that wrote the bundle: (passed, the failed gates as name[artifact]).
+
+    passed is None for a manifest that does not record it (bundles from before it was written).
+    Why `verify` reads it: "OK" is read as "ship it", and a run that failed its gates still
+    writes its bundle (the report links it, so the failure can be inspected)."""
+    failed = [f"{g['name']}[{g.get('artifact', '')}]" for g in m.get("gates") or [] if not g["passed"]]
+    passed = m.get("passed")
+    return (passed if isinstance(passed, bool) else None), failed
 
 
 def _is_num(x: Any) -> bool:
@@ -246,7 +264,7 @@ def _runnable_problems(m: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[str]]:
+def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[str], dict[str, Any]]:
     m = read_manifest(root, label)
     files: dict[str, Any] = m["files"]
     problems = [p for rel, info in files.items() if (p := check_file(root, rel, info))]
@@ -261,11 +279,14 @@ def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[s
     problems = [f"{prefix}{p}" for p in problems]
     problems += [f"{u}: not in the manifest; remove it (infer.py could import or run it) or rebuild the bundle"
                  for u in unlisted(root, set(files), prefix)]
-    return len(files), problems
+    return len(files), problems, m
 
 
 def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
-    """Check a bundle folder or its archive; -> {bundle, files, problems, ok}.
+    """Check a bundle folder or its archive; -> {bundle, files, problems, ok, gates_passed, failed_gates}.
+
+    `ok` is the files' integrity; `gates_passed` the recorded verdict of the run that wrote the
+    bundle (None when not recorded): `pipeline verify` fails on either.
 
     `bundle` is the path as given (never the temp folder an archive is unpacked into);
     files the manifest does not list are among `problems`.
@@ -278,15 +299,17 @@ def verify_bundle(path: str | os.PathLike) -> dict[str, Any]:
     except OSError:
         raise UserError(f"{shown}: no such bundle; pass RUN/bundle/<target> or its .tar.gz") from None
     if stat.S_ISDIR(st.st_mode):
-        n, problems = _check_folder(p, shown)
+        n, problems, m = _check_folder(p, shown)
     elif stat.S_ISREG(st.st_mode):
-        n, problems = _check_archive(p, shown)
+        n, problems, m = _check_archive(p, shown)
     else:
         raise UserError(f"{shown}: is {describe_mode(st.st_mode)}; pass a bundle folder or its .tar.gz")
-    return {"bundle": shown, "files": n, "problems": problems, "ok": not problems}
+    passed, failed = gate_verdict(m)
+    return {"bundle": shown, "files": n, "problems": problems, "ok": not problems,
+            "gates_passed": passed, "failed_gates": failed}
 
 
-def _check_archive(p: Path, shown: str) -> tuple[int, list[str]]:
+def _check_archive(p: Path, shown: str) -> tuple[int, list[str], dict[str, Any]]:
     from dskd.data.archive import archive_kind, safe_extract
     from dskd.data.limits import ByteCaps
 
@@ -304,7 +327,7 @@ def _check_archive(p: Path, shown: str) -> tuple[int, list[str]]:
             raise UserError(f"{shown}: the archive holds no {MANIFEST}; is it a bundle written by `pipeline run`?")
         if len(tops) > 1:
             raise UserError(f"{shown}: the archive holds {len(tops)} bundles ({', '.join(tops)}); pack one per archive")
-        n, problems = _check_folder(root / tops[0], f"{shown}: {tops[0]}", prefix=f"{tops[0]}/")
+        n, problems, m = _check_folder(root / tops[0], f"{shown}: {tops[0]}", prefix=f"{tops[0]}/")
         problems += [f"{u}: not in the manifest; remove it or rebuild the bundle"
                      for u in unlisted(root, set(), "") if u != f"{tops[0]}/"]
-        return n, problems
+        return n, problems, m

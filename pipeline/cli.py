@@ -318,19 +318,32 @@ def _eval_set_for(data: str, artifact, tmp):
     return write_eval_npz(tmp / "eval.npz", bundle.test_x.numpy(), bundle.test_y.numpy(), mean, std)
 
 
-def verify(bundle: str) -> None:
-    """Check a deploy bundle's files against the sha256 in its manifest.json (folder or .tar.gz).
+def verify(bundle: str, allow_failed_gates: bool = False) -> None:
+    """Check a deploy bundle's files against the sha256 in its manifest.json (folder or .tar.gz),
+    and that the run which wrote it passed its gates (a failed run still writes its bundle).
 
     Args:
         bundle: RUN/bundle/<target> or RUN/bundle/<target>.tar.gz.
+        allow_failed_gates: check the files only; a bundle from a run that failed its gates is OK.
     """
     from pipeline.bundle import verify_bundle
 
     res = verify_bundle(bundle)
     for p in res["problems"]:
         print(f"problem: {p}")
-    print(f"{'OK' if res['ok'] else 'FAILED'}: {res['files']} files checked in {res['bundle']}")
-    if not res["ok"]:
+    failed_run = res["gates_passed"] is False
+    gates = ", ".join(res["failed_gates"]) or "see its report"
+    if failed_run and not allow_failed_gates:
+        print(f"problem: the run that wrote this bundle FAILED its gates ({gates}); do not ship it, "
+              "or pass --allow-failed-gates to check its files only")
+    ok = res["ok"] and (allow_failed_gates or not failed_run)
+    note = ""  # on the verdict line, which stays the first line of an OK and the last of any output
+    if failed_run and allow_failed_gates:
+        note = f" (files only: the run that wrote it FAILED its gates: {gates})"
+    elif res["gates_passed"] is None:
+        note = " (the manifest does not record whether its run passed its gates: an older bundle)"
+    print(f"{'OK' if ok else 'FAILED'}: {res['files']} files checked in {res['bundle']}{note}")
+    if not ok:
         raise ExitCode(1)
 
 

@@ -31,7 +31,7 @@ from pipeline.artifact_result import ArtifactResult, BaselineComparison, as_resu
 from pipeline.recipe import GateConfig
 
 # Part of the gate stage's cache key: bump when the rows a report gets change meaning.
-GATE_LOGIC_VERSION = 4
+GATE_LOGIC_VERSION = 5
 
 PASS, FAIL, NOT_MEASURED, INCONCLUSIVE = "PASS", "FAIL", "NOT MEASURED", "INCONCLUSIVE"
 CPU_REFERENCE_NOTE = "measured on this machine's CPU (the target was not measured)"
@@ -120,11 +120,22 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         if paired is not None:
             results.append(paired)
         elif baseline is not None and gates.max_latency_regression is not None:
-            ratio, note = _latency_ratio(a if rounds_valid else a.replace(baseline_comparison=None),
-                                         base_by_key.get(a.key), pct)
+            judged = a if rounds_valid else a.replace(baseline_comparison=None)
+            ratio, note = _latency_ratio(judged, base_by_key.get(a.key), pct)
             if not rounds_valid:
                 note = f"{note}; {OTHER_BASELINE_NOTE}"
-            if ratio is None:
+            inter = judged.baseline_comparison
+            differs = (measurement_mismatch(report, baseline, a, base_by_key[a.key])
+                       if ratio is not None and (inter is None or inter.ratio is None) else [])
+            if differs:  # two reports' numbers taken under different conditions: no evidence either way
+                policy = getattr(gates, "regression_inconclusive", "fail")
+                results.append(GateResult(
+                    "max_latency_regression", label, "latency_ratio", round(ratio, 4),
+                    round(1.0 + gates.max_latency_regression, 4), policy == "pass",
+                    f"not comparable: {'; '.join(differs)} (a ratio across them measures the setup, not the "
+                    f"model); counted as {policy} (gates.regression_inconclusive). Measure the baseline the "
+                    "same way, or gate in `pipeline run --baseline` (interleaved rounds)", INCONCLUSIVE))
+            elif ratio is None:
                 if lat is None:
                     results.append(_unmeasured("max_latency_regression", a, "latency_ratio",
                                                gates.max_latency_regression, allow_unmeasured))
@@ -150,6 +161,26 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
         results.append(GateResult("require_max_clocks", (report.get("target") or {}).get("name", "?"),
                                   "at_max_clocks", None if ok is None else float(ok), 1.0, ok is not False, note))
     return results
+
+
+def measurement_mismatch(report: Mapping[str, Any], baseline: Mapping[str, Any], a: ArtifactResult,
+                         base: ArtifactResult) -> list[str]:
+    """How the baseline's latency of this artifact was taken differently from the report's: target,
+    threads, CPU model, smallest batch size. Only what both sides record is compared (older or
+    hand-built reports lack some), so an empty list means "nothing known to differ"."""
+    def smallest_batch(r: ArtifactResult) -> Any:
+        sizes = [e.get("batch_size") for e in r.latency_by_batch or [] if isinstance(e, Mapping)]
+        sizes = [b for b in sizes if isinstance(b, int)]
+        return min(sizes) if sizes else None
+
+    sides = {
+        "target": ((report.get("target") or {}).get("name"), (baseline.get("target") or {}).get("name")),
+        "threads": ((a.runtime_config or {}).get("threads"), (base.runtime_config or {}).get("threads")),
+        "CPU": ((a.environment or {}).get("cpu_model"), (base.environment or {}).get("cpu_model")),
+        "smallest batch": (smallest_batch(a), smallest_batch(base)),
+    }
+    return [f"{name} {theirs} in the baseline, {mine} here" for name, (mine, theirs) in sides.items()
+            if mine is not None and theirs is not None and mine != theirs]
 
 
 OTHER_BASELINE_NOTE = ("this report's interleaved rounds were measured against another baseline, "
@@ -270,8 +301,12 @@ def _top1_regression_row(a: ArtifactResult, base: ArtifactResult, gates: GateCon
     elif mine is None:
         why = f"this run: {a.per_image_note or why_mine}"
     elif ((a.per_image or {}).get("test_set_sha256") != (base.per_image or {}).get("test_set_sha256")
-          or len(mine) != len(theirs)):
-        why = "the baseline was measured on another test set"
+          or len(mine) != len(theirs)):  # two top-1s of different images say nothing about a regression
+        policy = getattr(gates, "regression_inconclusive", "fail")
+        return GateResult("max_top1_regression", label, "top1_regression", reg, tol, policy == "pass",
+                          f"baseline {base.top1:.2f}, not comparable: the baseline was measured on another test "
+                          f"set; counted as {policy} (gates.regression_inconclusive). Gate against a baseline "
+                          "measured on the same data", INCONCLUSIVE)
     if why:
         return GateResult("max_top1_regression", label, "top1_regression", reg, tol, reg <= tol,
                           f"baseline {base.top1:.2f}; plain threshold, not paired: {why}")

@@ -9,7 +9,8 @@ Two exceptions keep a cached re-run from reporting an old verdict:
   `gates.junit.xml` and bundle, which belong to the invocation, not to a key);
 - a stage whose `complete(outputs)` says False (deploy with an artifact left unmeasured) is
   recorded but re-run next time, so a device that came back is measured rather than
-  remembered as unreachable.
+  remembered as unreachable; and since a stage's key holds its inputs' outputs (`stage_key`),
+  everything downstream of a stage that ran again runs again too.
 """
 
 from __future__ import annotations
@@ -71,8 +72,21 @@ class RunContext:
 
 
 def stage_key(stage: Stage, ctx: RunContext) -> str:
-    upstream = {d: ctx.results[d].key for d in stage.deps}
+    """A stage's identity: its config, and each input stage's key AND outputs.
+
+    The outputs matter because a stage can run again under the same key (a deploy left incomplete,
+    a forced or interrupted re-run): whatever reads its outputs must then run again too, or a
+    cached gate would judge the old measurements (a device that came back) and a cached export
+    would ship the old model. Outputs are hashed as stage.json stores them (`_as_stored`), so a
+    fresh run and a cached one give the same key.
+    """
+    upstream = {d: [ctx.results[d].key, stable_hash(ctx.results[d].outputs)] for d in stage.deps}
     return stable_hash({"stage": stage.name, "config": stage.config(ctx), "inputs": upstream})
+
+
+def _as_stored(outputs: dict[str, Any]) -> dict[str, Any]:
+    """`outputs` as stage.json holds them (atomic.write_json's encoding), what a cached run reads back."""
+    return json.loads(json.dumps(outputs, default=str))
 
 
 def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> StageResult:
@@ -93,7 +107,7 @@ def run_stage(stage: Stage, ctx: RunContext, force: bool = False) -> StageResult
     marker.unlink(missing_ok=True)
     ctx.log(f"[{stage.name}] running{': ' + stage.description if stage.description else ''}")
     t0 = time.perf_counter()
-    outputs = stage.run(ctx, folder)
+    outputs = _as_stored(stage.run(ctx, folder))
     seconds = time.perf_counter() - t0
     complete = stage.complete(outputs) if stage.complete else True
     atomic.write_json(marker, {"name": stage.name, "key": key, "config": stage.config(ctx),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -33,12 +34,34 @@ def data_limits(d: Any) -> dict[str, float]:
 
 
 def _source_identity(spec: str) -> str:
-    """The data spec plus the file's size/mtime, so replacing the data re-runs training."""
+    """The data spec and what lies there, so new or edited data re-runs training (and all after it).
+
+    An archive: its content's sha256 (size and whole-second mtime missed a same-size archive copied
+    with its times kept, `cp -p`). A folder: its path, and size, mtime, ctime and inode of every
+    file the dataset walk lists (`files_digest`, the decode cache's rule), so an added, removed,
+    replaced or edited image changes the key without reading any image (the path alone did not).
+    A built-in name (digits): the name.
+    """
     p = Path(spec)
     if p.is_file():
         st = p.stat()
-        return f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}"
-    return str(p.resolve()) if p.exists() else spec
+        return f"{p.resolve()}|{_content_digest(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}"
+    if p.is_dir():
+        from dskd.data.cache import files_digest
+        from dskd.data.walk import walk_dataset
+
+        root = p.resolve()
+        listing = walk_dataset(root)
+        return f"{root}|{files_digest(root, listing.files)}|{len(listing.special)}|{len(listing.linked_dirs)}"
+    return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, *stat_key: int) -> str:
+    """sha256 of a data archive, once per process for the same file state (every stage key asks)."""
+    from dskd.data.cache import file_digest
+
+    return file_digest(Path(path))
 
 
 def _train_config(s: TrainSection) -> dict[str, Any]:

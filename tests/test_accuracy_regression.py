@@ -85,7 +85,6 @@ def test_falls_back_to_the_plain_threshold_and_says_why():
     base, cand = _pair(160, 30)
     cases = {
         "an older report": _artifact(base, per_image=None),
-        "another test set": _artifact(base, per_image={**_artifact(base)["per_image"], "test_set_sha256": "0" * 64}),
         "does not match top-1": _artifact(base, top1=99.9),
         "unreadable": _artifact(base, per_image={**_artifact(base)["per_image"], "correct": "!!"}),
         "unknown form": _artifact(base, per_image={"encoding": "zip", "n": 3, "correct": ""}),
@@ -95,6 +94,11 @@ def test_falls_back_to_the_plain_threshold_and_says_why():
         assert row.decision is None and "plain threshold, not paired" in row.note and why in row.note, (why, row.note)
         assert row.value == pytest.approx(round(base_art["top1"] - _artifact(cand)["top1"], 4))
         assert row.passed == (row.value <= 0.5)
+    # another test set: the two top-1s are of different images, so no verdict either way (was: the plain
+    # difference, which passed a candidate measured on 100 easy images against a baseline on 1,000)
+    other = _artifact(base, per_image={**_artifact(base)["per_image"], "test_set_sha256": "0" * 64})
+    row = _row(other, _artifact(cand))
+    assert row.status == "INCONCLUSIVE" and not row.passed and "another test set" in row.note, row.note
     mine = _artifact(cand, per_image=None, per_image_note="measured on pi@host: no per-image predictions")
     row = _row(_artifact(base), mine)
     assert row.decision is None and "measured on pi@host" in row.note

@@ -1,0 +1,206 @@
+"""Verdicts that must not be stale or wrong (a review of every PASS/OK the product prints).
+
+Each test here reproduces a case where the product said PASS, OK or exit 0 for the wrong reason
+before it was fixed; the scenario is in the test's docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline import run as run_mod
+from pipeline import ship_stages
+from pipeline.artifact_result import ArtifactResult, LatencyStats
+from pipeline.recipe import Recipe
+from pipeline.stage import RunContext, Stage, StageResult, run_stage
+
+
+def _upstream(ctx: RunContext) -> None:
+    """Teacher..optimize as finished stages (what the gate and deploy stages read)."""
+    summ = {"model": "resnet8", "method": "dskd", "top1": 96.0, "params": 1, "macs": 1}
+    for name, out in (("teacher", {"summary": dict(summ, model="resnet20")}),
+                      ("distill", {"summary": summ, "model_sha256": "1" * 64, "model_pt": "model.pt"}),
+                      ("export", {"artifacts": []}), ("optimize", {"artifacts": [], "skipped": []})):
+        ctx.results[name] = StageResult(name, name * 8, ctx.run_dir, out, True, 0.0)
+
+
+def test_a_cached_gate_never_judges_a_deploy_that_ran_again(tmp_path: Path) -> None:
+    """Run 1: the device is down, unmeasured results allowed -> PASSED (NOT MEASURED, allowed).
+    Run 2: the device is back and the model measures 40 % against min_top1 = 80. The incomplete
+    deploy re-ran under the same key; the gate stage used to be served run 1's rows from cache
+    (PASSED). It must judge the new numbers (FAIL). Only the measuring is faked; stages are real."""
+    state = {"up": False}
+
+    def deploy_run(ctx: RunContext, folder: Path) -> dict:
+        a = ArtifactResult(format="onnx", precision="fp32", runtime="onnxruntime", path="m.onnx", sha256="0" * 64,
+                           size_bytes=10, shipped=True, measured=False, not_measured_reason="device unreachable")
+        if state["up"]:
+            a = a.replace(measured=True, not_measured_reason=None, top1=40.0,
+                          latency_ms=LatencyStats(p50=1.0, p90=1.1, p99=1.2))
+        return {"artifacts": [a.to_json()], "target_available": state["up"],
+                "reason": "" if state["up"] else "device unreachable", "environment": None, "runtime": "onnxruntime"}
+
+    deploy = dataclasses.replace(ship_stages.DEPLOY, run=deploy_run)  # the real key and completeness rule
+    recipe = Recipe()
+    recipe.target.allow_unmeasured = True
+    recipe.gates.min_top1 = 80.0
+    verdicts = []
+    for _ in range(2):
+        ctx = RunContext(run_dir=tmp_path, recipe=recipe, log=lambda _m: None)
+        _upstream(ctx)
+        d = run_stage(deploy, ctx)
+        g = run_stage(run_mod.GATE, ctx)
+        verdicts.append((d.cached, g.cached, g.outputs["passed"], [r["status"] for r in g.outputs["gates"]]))
+        state["up"] = True
+    assert verdicts[0] == (False, False, True, ["NOT MEASURED"])
+    assert verdicts[1] == (False, False, False, ["FAIL"])
+    ctx = RunContext(run_dir=tmp_path, recipe=recipe, log=lambda _m: None)  # complete now: all cached
+    _upstream(ctx)
+    assert run_stage(deploy, ctx).cached and run_stage(run_mod.GATE, ctx).cached
+
+
+def test_a_stage_that_ran_again_under_its_key_reruns_what_reads_it(tmp_path: Path) -> None:
+    """An interrupted re-run of an upstream stage (its stage.json removed, as `run_stage` does before
+    running) re-runs it under the same key with new outputs (a new model); a downstream stage keyed
+    on the upstream KEY alone stayed cached on the old outputs (an export of the old model)."""
+    produced = iter(["model-a", "model-b"])
+    up = Stage("up", (), lambda ctx: {"k": 1}, lambda ctx, folder: {"model": next(produced)})
+    down = Stage("down", ("up",), lambda ctx: {}, lambda ctx, folder: {"exported": ctx.out("up")["model"]})
+
+    def once() -> tuple[StageResult, StageResult]:
+        ctx = RunContext(run_dir=tmp_path, recipe=None, log=lambda _m: None)
+        return run_stage(up, ctx), run_stage(down, ctx)
+
+    u1, d1 = once()
+    (u1.folder / "stage.json").unlink()  # the up stage's re-run was interrupted
+    u2, d2 = once()
+    assert u2.key == u1.key and not u2.cached and not d2.cached
+    assert d2.outputs == {"exported": "model-b"}
+    u3, d3 = once()  # nothing changed now: both cached, the same keys as a fresh run gave
+    assert u3.cached and d3.cached and d3.key == d2.key
+
+
+# -- `pipeline verify` reads the verdict of the run that wrote the bundle -----------------------
+
+
+def _manifest_bundle(tmp_path: Path, **extra: object) -> Path:
+    import json
+
+    from tests.test_redteam_trust import IR, _bundle
+
+    root = _bundle(tmp_path / "b", {"infer.py": b"x", "model.fp32.xml": b"<xml/>", "model.fp32.bin": b"w"}, [IR])
+    m = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**m, **extra}))
+    return root
+
+
+def test_verify_fails_the_intact_bundle_of_a_run_that_failed_its_gates(tmp_path: Path, capsys) -> None:
+    """A run that fails its gates still writes its bundle; `verify` used to say OK (exit 0) for it,
+    and OK is read as "ship it". Now: FAILED naming the gates, exit 1; --allow-failed-gates checks
+    the files only and says so on the verdict line."""
+    from tests.helpers.cli import run_main
+
+    rows = [{"name": "min_top1", "artifact": "openvino/fp32", "passed": False},
+            {"name": "max_size_mb", "artifact": "openvino/fp32", "passed": True}]
+    bundle = _manifest_bundle(tmp_path, passed=False, gates=rows)
+    code, out, _ = run_main(["verify", str(bundle)], capsys)
+    assert code == 1 and "FAILED its gates (min_top1[openvino/fp32])" in out, out
+    assert out.strip().splitlines()[-1].startswith("FAILED")
+    for flag in ("--allow-failed-gates", "--allow-failed-gates=true"):
+        code, out, _ = run_main(["verify", str(bundle), flag], capsys)
+        assert code == 0 and out.startswith("OK: 3 files checked") and "FAILED its gates" in out, out
+    code, out, _ = run_main(["verify", str(bundle), "--allow-failed-gates=false"], capsys)
+    assert code == 1, out
+
+
+def test_verify_passes_a_passed_run_and_refuses_a_mistyped_verdict(tmp_path: Path, capsys) -> None:
+    from tests.helpers.cli import run_main
+
+    code, out, _ = run_main(["verify", str(_manifest_bundle(tmp_path / "ok", passed=True, gates=[]))], capsys)
+    assert code == 0 and out.startswith("OK: 3 files checked") and "older bundle" not in out, out
+    code, out, err = run_main(["verify", str(_manifest_bundle(tmp_path / "bad", passed="yes"))], capsys)
+    assert code == 2 and "passed" in err and "Traceback" not in err, err
+
+
+# -- the training stages' key sees the data, not only its path ------------------------------------
+
+
+def test_edited_added_or_replaced_images_change_the_training_key(tmp_path: Path) -> None:
+    """A folder dataset was keyed by its path alone: new or edited images left every stage cached,
+    and the gates judged a model trained and measured on the old images. An archive was keyed by
+    size and whole-second mtime: a same-size archive copied with its times kept was missed."""
+    import os
+
+    from pipeline.train_stages import _data_config
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            (root / split / cls / "0.png").write_bytes(b"\x89PNG-" + cls.encode())
+    recipe = Recipe()
+    recipe.data.spec = str(root)
+    keys = [_data_config(recipe)]
+    img = root / "test" / "a" / "0.png"
+    st = img.stat()
+    img.write_bytes(b"\x89PNG-x")  # same size, then its mtime put back
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    keys.append(_data_config(recipe))
+    (root / "train" / "b" / "1.png").write_bytes(b"\x89PNG-b2")
+    keys.append(_data_config(recipe))
+    assert len({str(k) for k in keys}) == 3
+    assert str(_data_config(recipe)) == str(keys[-1])  # nothing changed: the same key
+
+    arch = tmp_path / "d.tar"
+    arch.write_bytes(b"a" * 10240)
+    st = arch.stat()
+    recipe.data.spec = str(arch)
+    before = _data_config(recipe)
+    arch.write_bytes(b"b" * 10240)  # another archive of the same size, its times put back (`cp -p`)
+    os.utime(arch, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _data_config(recipe) != before
+    recipe.data.spec = "digits"
+    assert _data_config(recipe)["spec"] == "digits"
+
+
+# -- a baseline measured another way is no evidence of a regression -------------------------------
+
+
+def _report(target: str, p50: float, threads: int, cpu: str = "cpu-A", batch: int = 1) -> dict:
+    art = {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime", "path": "a/model.onnx",
+           "sha256": "0" * 64, "size_bytes": 1000, "top1": 95.0, "shipped": True, "measured": True,
+           "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.2},
+           "latency_by_batch": [{"batch_size": batch, "p50_ms": p50}],
+           "runtime_config": {"threads": threads}, "environment": {"cpu_model": cpu}}
+    return {"target": {"name": target}, "student": {"top1": 96.0}, "artifacts": [art]}
+
+
+def _latency_row(report: dict, baseline: dict, policy: str = "fail"):
+    from pipeline.gates import evaluate_gates
+    from pipeline.recipe import GateConfig
+
+    gates = GateConfig(max_latency_regression=0.05, regression_inconclusive=policy)
+    return next(r for r in evaluate_gates(report, gates, baseline) if r.name == "max_latency_regression")
+
+
+def test_latency_regression_across_targets_threads_cpus_or_batches_is_inconclusive() -> None:
+    """A 3x slower model measured on an 8-thread x86 box passed against a 1-thread ssh-cpu baseline
+    (ratio 0.3): the two reports' numbers were divided whatever they were measured on."""
+    base = _report("ssh-cpu", 20.0, threads=1)
+    row = _latency_row(_report("cpu", 6.0, threads=8), base)
+    assert row.status == "INCONCLUSIVE" and not row.passed, row
+    assert "target ssh-cpu in the baseline, cpu here" in row.note and "threads 1 in the baseline, 8 here" in row.note
+    assert _latency_row(_report("cpu", 6.0, threads=8), base, policy="pass").passed  # the user's stated policy
+    for changed in ({"cpu": "cpu-B"}, {"batch": 4}):
+        row = _latency_row(_report("ssh-cpu", 19.0, threads=1, **changed), base)
+        assert row.status == "INCONCLUSIVE", (changed, row.note)
+    same = _latency_row(_report("ssh-cpu", 19.0, threads=1), base)  # measured alike: judged as before
+    assert same.status == "PASS" and same.value == round(19.0 / 20.0, 4)
+    slower = _latency_row(_report("ssh-cpu", 30.0, threads=1), base)
+    assert slower.status == "FAIL"
+    bare = _report("cpu", 30.0, threads=8)  # nothing recorded on one side: compared, as documented
+    for a in bare["artifacts"]:
+        a.pop("runtime_config"), a.pop("environment"), a.pop("latency_by_batch")
+    bare["target"] = {}
+    assert _latency_row(bare, base).status == "FAIL"
