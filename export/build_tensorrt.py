@@ -16,7 +16,7 @@ from typing import Any
 from dskd.checkpoint import file_sha256
 from export.build_onnx import onnx_fp32
 from export.formats import FORMATS, FormatSpec
-from export.job import BuildJob
+from export.job import BuildJob, Rejected
 from export.manifest import SkippedFormat, file_record
 from export.runners import ort_predictor
 
@@ -59,6 +59,13 @@ def _trt_kit(job: BuildJob) -> dict[str, Path]:
             onnx_copy, qdq, job.calib_x, calibrate_method=job.opts.calib_method,
             for_tensorrt=True, metadata=job.props("int8"))
         job.built["trt-qdq"] = qdq
+        if job.opts.trt_int8_mode == "qdq" and not _qdq_passes_parity(job, qdq):
+            # rejected before the script is written: a script whose checksums list a file the kit
+            # does not ship fails `sha256sum -c` on the device for fp16 too (and the bundle cannot copy it)
+            precisions.remove("int8")
+            del job.built["trt-qdq"]
+            qdq.unlink()
+            qdq = None
     sums = {p.name: file_sha256(p) for p in (onnx_copy, qdq) if p is not None}
     script = build_script(precisions, job.chw, onnx_copy.name, qdq.name if qdq else None, sums,
                           job.opts.trt_batches, job.opts.trt_workspace_mib,
@@ -68,6 +75,21 @@ def _trt_kit(job: BuildJob) -> dict[str, Path]:
     script_path.chmod(0o755)
     job.built["trt-kit"] = script_path
     return _trt_kit(job)
+
+
+INT8_PARITY_NOTE = "onnxruntime CPU on the TensorRT Q/DQ ONNX (estimate for the engine)"
+
+
+def _qdq_passes_parity(job: BuildJob, qdq: Path) -> bool:
+    """The INT8 engine's parity, estimated on ONNX Runtime running the same Q/DQ graph, checked once
+    when the kit is made; a rejection is kept for `build_tensorrt` to raise for the int8 format."""
+    spec = next(FORMATS[n] for n in job.requested if FORMATS[n].runtime == "tensorrt" and FORMATS[n].precision == "int8")
+    try:
+        job.built_details["trt-qdq-parity"] = job.check(spec, ort_predictor(qdq, job.opts.threads), INT8_PARITY_NOTE)
+    except Rejected as rej:
+        job.built_details["trt-qdq-rejected"] = {"reason": rej.reason, "parity": rej.parity}
+        return False
+    return True
 
 
 def _calib_data_sha(job: BuildJob) -> str:
@@ -84,11 +106,13 @@ def build_tensorrt(job: BuildJob, spec: FormatSpec) -> None:
     kit = _trt_kit(job)
     parity = None
     uses_qdq = spec.precision == "int8" and job.opts.trt_int8_mode == "qdq"
+    if uses_qdq and "trt-qdq-rejected" in job.built_details:
+        rej = job.built_details["trt-qdq-rejected"]
+        raise Rejected(rej["reason"], rej["parity"])
     source = kit["qdq"] if uses_qdq else kit["onnx"]
     if uses_qdq:
-        # ONNX Runtime runs the same Q/DQ graph: the accuracy is known before the device.
-        parity = job.check(spec, ort_predictor(source, job.opts.threads),
-                           "onnxruntime CPU on the TensorRT Q/DQ ONNX (estimate for the engine)")
+        # ONNX Runtime runs the same Q/DQ graph: the accuracy is known before the device (checked with the kit)
+        parity = job.built_details["trt-qdq-parity"]
     prepared = [file_record(job.stage, p) for p in (source, kit["script"])]
     version, why = tensorrt_status() if job.opts.trt_build_here else (
         None, "engines are built on the target by the torch-tensorrt builder (export.trt_builder)")

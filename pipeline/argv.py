@@ -8,7 +8,8 @@ float, `--allow-unmeasured=false` the truthy string "false"). Here:
   same flag, help shows the dashed one;
 - a bool flag is `--flag` (true), `--noflag` / `--no-flag` (false), or `--flag=WORD` /
   `--flag WORD` with WORD one of true/false/1/0/yes/no/on/off in any case;
-- int and float flags must parse as such (floats finite); anything else is a string, as typed;
+- int and float flags must parse as such (floats finite); anything else is a string, as typed,
+  and never empty (`--out=` is refused, not read as the current folder);
 - a `list[str]` flag (`--set`) is repeatable and collects every value;
 - positional arguments fill the parameters in signature order that no flag gave
   (bool and list parameters are flags only); `--` ends the flags;
@@ -152,6 +153,9 @@ def convert(param: Param, text: str, shown: str) -> Any:
         if not math.isfinite(value):
             raise UserError(f"{shown} {text!r}: expected a finite number")
         return value
+    if not text.strip():  # `--recipe=` ran the default recipe, `--out=` wrote into the current folder
+        raise UserError(f"{shown} is empty: give a value" + ("" if shown == param.metavar
+                                                             else f", or leave {shown} out for its default"))
     return text
 
 

@@ -147,7 +147,11 @@ def _plan(artifacts: list[dict[str, Any]], run_dir: Path,
         if a.get("path"):
             main = run_dir / a["path"]
             files = _artifact_files(layout, a["format"], a["precision"], main)
-            entry.update(path=files[0], files=sorted(set(files)), sha256=file_sha256(main))
+            sha = file_sha256(main)
+            if a.get("sha256") and sha != a["sha256"]:  # the bundle ships what was measured, or nothing
+                raise UserError(f"bundle: {a['path']} changed since it was measured (sha256 {sha[:12]}, measured "
+                                f"{a['sha256'][:12]}); re-run with `--force export` to rebuild and re-measure it")
+            entry.update(path=files[0], files=sorted(set(files)), sha256=sha)
         elif script is not None and _spec(a["format"]).bundle.built_on_device:
             entry.update(path=bundle_name(a["format"], a["precision"], None), files=[])
         else:
@@ -174,7 +178,8 @@ def _readme(meta: dict[str, Any], entries: list[dict[str, Any]], names: list[str
         "",
         _input_line(meta, entries),
         f"output '{pre['output']}': float32, N x {len(meta['labels'])} logits; labels in manifest.json",
-        f"preprocessing: RGB/L image resized to {pre['input_size']}x{pre['input_size']} (bilinear), "
+        f"preprocessing: EXIF orientation applied, transparency composited on black, 16-bit scaled to 8 bits, "
+        f"RGB/L image resized to {pre['input_size']}x{pre['input_size']} (bilinear), "
         f"{pre['scale']}, mean {pre['mean']}, std {pre['std']}",
         "",
         "Run:   python infer.py IMAGE [IMAGE ...]            (first artifact below)",
@@ -237,6 +242,8 @@ def write_bundle(bundle_dir: Path, artifacts: list[dict[str, Any]], run_dir: Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tar_path = bundle_dir.with_name(bundle_dir.name + ".tar.gz")
-    with atomic.atomic_path(tar_path) as t, tarfile.open(t, "w:gz") as tar:
-        tar.add(bundle_dir, arcname=bundle_dir.name)
+    with atomic.atomic_path(tar_path) as t:
+        with tarfile.open(t, "w:gz") as tar:
+            tar.add(bundle_dir, arcname=bundle_dir.name)
+        os.chmod(t, 0o644)  # readable by an artifact server or the device's user, like the folder's files
     return tar_path

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -95,6 +96,9 @@ def check_schema(m: Any, label: str) -> None:
         v = pre.get(key)
         if not isinstance(v, list) or len(v) != pre["in_chans"] or not all(_is_num(x) for x in v):
             raise _fail(label, f"preprocessing.{key}", "must be a list of in_chans numbers")
+        if not all(math.isfinite(x) for x in v) or (key == "std" and not all(x > 0 for x in v)):
+            # NaN, inf or std <= 0 make every input the same (or NaN): infer.py would label every image alike
+            raise _fail(label, f"preprocessing.{key}", "must be finite" + (" and positive" if key == "std" else ""))
     if len(m["files"]) > MAX_ENTRIES:
         raise _fail(label, "files", f"lists more than {MAX_ENTRIES} files")
     for name, info in m["files"].items():
@@ -264,10 +268,55 @@ def _runnable_problems(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def _consistency_problems(root: Path, m: dict[str, Any], bad_files: set[str]) -> list[str]:
+    """Parts of the manifest that must agree with each other and with the model: an artifact's own
+    sha256 with its file's (a model swapped in with only `files` re-hashed verified OK), and for an
+    intact ONNX model its input (C, H, W) with `preprocessing` and its output width with `labels` (a
+    swapped model then crashed infer.py, or named classes from the wrong list). The manifest is
+    not signed: this catches inconsistency, not a consistent forgery."""
+    out = []
+    pre, labels = m["preprocessing"], m["labels"]
+    for i, a in enumerate(m["artifacts"]):
+        listed = m["files"].get(a["path"])
+        if isinstance(a.get("sha256"), str) and listed is not None and a["sha256"] != listed["sha256"]:
+            out.append(f"artifacts[{i}] ({a['format']}): its sha256 is not that of {a['path']} in files; the model "
+                       "was replaced (rebuild the bundle)")
+            continue
+        if listed is None or not a["path"].endswith(".onnx") or a["path"] in bad_files:
+            continue  # a file that failed its own check (size, sha256, a link) is never opened
+        shapes = _onnx_io_shapes(root / a["path"])
+        if shapes is None:
+            continue
+        (inp, outp) = shapes
+        want = [pre["in_chans"], pre["input_size"], pre["input_size"]]
+        if len(inp) == 4 and all(isinstance(d, int) for d in inp[1:]) and list(inp[1:]) != want:
+            out.append(f"artifacts[{i}] ({a['format']}): the model takes C×H×W {'×'.join(map(str, inp[1:]))}, the "
+                       f"manifest's preprocessing gives {'×'.join(map(str, want))} (rebuild the bundle)")
+        if len(outp) == 2 and isinstance(outp[1], int) and outp[1] != len(labels):
+            out.append(f"artifacts[{i}] ({a['format']}): the model has {outp[1]} outputs, the manifest "
+                       f"{len(labels)} labels (rebuild the bundle)")
+    return out
+
+
+def _onnx_io_shapes(path: Path) -> tuple[list[Any], list[Any]] | None:
+    """(input dims, output dims) of an ONNX model's first input and output (None when onnx is not
+    installed or the file does not parse: the sha256 check and infer.py speak for it then)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        dims = [[d.dim_value if d.HasField("dim_value") else d.dim_param
+                 for d in v.type.tensor_type.shape.dim] for v in (model.graph.input[0], model.graph.output[0])]
+    except Exception:  # noqa: BLE001 - any parse failure: not this check's business
+        return None
+    return dims[0], dims[1]
+
+
 def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[str], dict[str, Any]]:
     m = read_manifest(root, label)
     files: dict[str, Any] = m["files"]
-    problems = [p for rel, info in files.items() if (p := check_file(root, rel, info))]
+    file_problems = {rel: p for rel, info in files.items() if (p := check_file(root, rel, info))}
+    problems = list(file_problems.values())
     total = sum(int(i["size_bytes"]) for i in files.values())
     if total > MAX_TOTAL_BYTES:
         problems.append(f"the files add up to {human_bytes(total)}, over the {human_bytes(MAX_TOTAL_BYTES)} cap")
@@ -276,6 +325,7 @@ def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[s
         problems += [f"artifacts[{i}] ({a['format']}): {n} is not in the manifest's files"
                      for n in dict.fromkeys(needed) if n not in files]
     problems += _runnable_problems(m)
+    problems += _consistency_problems(root, m, set(file_problems))
     problems = [f"{prefix}{p}" for p in problems]
     problems += [f"{u}: not in the manifest; remove it (infer.py could import or run it) or rebuild the bundle"
                  for u in unlisted(root, set(files), prefix)]

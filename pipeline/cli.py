@@ -69,6 +69,8 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
     # Unknown target: fail before any work, naming where the name came from.
     get_target(rec.target.name, "--target" if target else f"{rec.source or rec.name}: target.name")
     run_dir = Path(out or f"runs/{rec.name}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file, not a folder; give a folder path")
     forced = [f.strip() for f in str(force).split(",") if f.strip()] if force else []
     if baseline is not None:  # its artifact files too, before any training (pipeline/cli_baseline.py)
         from pipeline.baseline import load_report
@@ -76,6 +78,13 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
 
         for note in baseline_file_notes(*load_report(baseline, "--baseline")):
             print(note)
+    from pipeline.gates import unset_gates_problem
+
+    problem = unset_gates_problem(rec.gates, baseline is not None)
+    if problem and baseline is not None:
+        raise UserError(problem)
+    if problem:  # a recipe without gates may be exploration: said, not refused
+        print(f"note: {problem}")
     from pipeline.run import formats_not_shipped
 
     for note in formats_not_shipped(rec):
@@ -106,7 +115,7 @@ def _print_report(report: dict, run_dir) -> None:
 
 
 def gate(report: str, baseline: str | None = None, recipe: str | None = None, junit: str | None = None,
-         allow_unmeasured: bool = False, set: list[str] | None = None) -> None:  # noqa: A002
+         allow_unmeasured: bool | None = None, set: list[str] | None = None) -> None:  # noqa: A002
     """Run the gates alone on a report.json (optionally against a baseline report.json).
 
     Thresholds come from --recipe (default: the recipe recorded in the report) and --set gates.KEY=VALUE.
@@ -117,7 +126,8 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
         baseline: a baseline report.json (or its run folder) for the regression gates.
         recipe: recipe name or .toml path whose [gates] to use instead of the report's.
         junit: also write the gate rows as JUnit XML to this path.
-        allow_unmeasured: unmeasured artifacts do not fail latency/accuracy gates.
+        allow_unmeasured: unmeasured artifacts do not fail latency/accuracy gates (default: what the run
+            recorded, target.allow_unmeasured of its recipe, or of --recipe).
         set: gate overrides, repeatable: --set gates.max_latency_regression=0.1.
     """
     from pathlib import Path
@@ -135,14 +145,24 @@ def gate(report: str, baseline: str | None = None, recipe: str | None = None, ju
     bad = [k for k in overrides if not k.startswith("gates.")]
     if bad:
         raise UserError(f"--set {bad[0]}: only gates.* keys apply to `pipeline gate`")
+    if junit is not None and Path(junit).is_dir():
+        raise UserError(f"--junit {junit}: is a folder; give a file path, e.g. {Path(junit) / 'gates.junit.xml'}")
     if recipe:
-        gates_cfg = load_recipe(recipe, overrides).gates
+        chosen = load_recipe(recipe, overrides)
+        gates_cfg, recorded_allow = chosen.gates, chosen.target.allow_unmeasured
     else:
-        table = dict(rep["recipe"].get("config", {}).get("gates", {}))
+        config = rep["recipe"].get("config") or {}
+        table = dict(config.get("gates", {}))
         for k, v in overrides.items():
             table[k.split(".", 1)[1]] = v
         gates_cfg = _build(GateConfig, table, "gates", f"{report} (recorded recipe)",
                            Origins(f"{report} (recorded recipe)", {k: "--set" for k in overrides}))
+        recorded_allow = (config.get("target") or {}).get("allow_unmeasured") is True
+    problem = g.unset_gates_problem(gates_cfg, base is not None)
+    if problem:
+        raise UserError(problem)
+    if allow_unmeasured is None:  # re-gating a report gives the verdict its run gave
+        allow_unmeasured = recorded_allow
     results = g.evaluate_gates(rep, gates_cfg, base, allow_unmeasured)
     print_table("gates", g.TABLE_COLUMNS, g.table_rows([r.to_dict() for r in results]))
     summary = g.not_measured_summary(rep, allow_unmeasured)

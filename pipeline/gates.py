@@ -113,7 +113,11 @@ def evaluate_gates(report: dict[str, Any], gates: GateConfig, baseline: dict[str
             else:
                 results.append(GateResult("max_latency_ms", label, f"latency_{pct}_ms", lat, gates.max_latency_ms,
                                           lat <= gates.max_latency_ms))
-        if gates.max_size_mb is not None and a.size_bytes is not None:
+        if gates.max_size_mb is not None and a.size_bytes is None:  # a set gate never vanishes for a missing number
+            # an engine not built because the device was not reached has no size yet: allowed like its other rows
+            results.append(_unmeasured("max_size_mb", a, "size_mb", gates.max_size_mb,
+                                       allow_unmeasured and not a.measured))
+        elif gates.max_size_mb is not None and a.size_bytes is not None:
             mb = a.size_bytes / 1e6
             results.append(GateResult("max_size_mb", label, "size_mb", round(mb, 4), gates.max_size_mb, mb <= gates.max_size_mb))
         paired = paired_latency_row(a, gates) if baseline is not None and rounds_valid else None
@@ -181,6 +185,26 @@ def measurement_mismatch(report: Mapping[str, Any], baseline: Mapping[str, Any],
     }
     return [f"{name} {theirs} in the baseline, {mine} here" for name, (mine, theirs) in sides.items()
             if mine is not None and theirs is not None and mine != theirs]
+
+
+THRESHOLD_KEYS = ("min_top1", "max_latency_ms", "max_size_mb", "max_top1_drop", "max_top1_regression",
+                  "max_latency_regression")
+REGRESSION_KEYS = ("max_top1_regression", "max_latency_regression")
+
+
+def unset_gates_problem(gates: GateConfig, baseline_given: bool) -> str | None:
+    """Why these [gates] cannot give the verdict asked for, or None.
+
+    A baseline with neither regression threshold set was ignored without a word (a 10x slower
+    model PASSED `gate --baseline`); with no threshold at all only parity could fail."""
+    if baseline_given and all(getattr(gates, k) is None for k in REGRESSION_KEYS):
+        return ("--baseline: no regression gate is set (gates.max_latency_regression, gates.max_top1_regression), "
+                "so the baseline would not be compared; set one, e.g. --set gates.max_latency_regression=0.05, "
+                "or leave --baseline out")
+    if all(getattr(gates, k) is None for k in THRESHOLD_KEYS):
+        return ("no gate threshold is set ([gates]: " + ", ".join(THRESHOLD_KEYS) + "), so only a parity failure "
+                "or a missing artifact could fail; set one, e.g. --set gates.min_top1=80")
+    return None
 
 
 OTHER_BASELINE_NOTE = ("this report's interleaved rounds were measured against another baseline, "
@@ -265,7 +289,10 @@ def _accuracy_rows(a: ArtifactResult, report: dict[str, Any], gates: GateConfig,
             out.append(_unmeasured("min_top1", a, "top1", gates.min_top1, allow))
         else:
             out.append(GateResult("min_top1", label, "top1", top1, gates.min_top1, top1 >= gates.min_top1))
-    if gates.max_top1_drop is not None and student_top1 is not None:
+    if gates.max_top1_drop is not None and student_top1 is None:  # the reference is missing: not a silent pass
+        out.append(GateResult("max_top1_drop", label, "top1_drop", None, gates.max_top1_drop, False,
+                              "the PyTorch student's top-1 is not in the report", NOT_MEASURED))
+    elif gates.max_top1_drop is not None and student_top1 is not None:
         if top1 is None:
             out.append(_unmeasured("max_top1_drop", a, "top1_drop", gates.max_top1_drop, allow))
         else:
@@ -276,7 +303,8 @@ def _accuracy_rows(a: ArtifactResult, report: dict[str, Any], gates: GateConfig,
         base = base_by_key.get(a.key)
         if base is None or base.top1 is None:
             out.append(GateResult("max_top1_regression", label, "top1_regression", None,
-                                  gates.max_top1_regression, False, "baseline has no such artifact"))
+                                  gates.max_top1_regression, False, "baseline has no such artifact" if base is None
+                                  else "the baseline's top-1 of this artifact was not measured"))
         elif top1 is None:
             out.append(_unmeasured("max_top1_regression", a, "top1_regression", gates.max_top1_regression, allow))
         else:

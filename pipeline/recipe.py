@@ -84,6 +84,25 @@ def recipe_key(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any]
     return field(default=default, metadata=meta)
 
 
+def _percent_rule(value: float | None, fraction_hint: bool = False) -> str | None:
+    """Top-1 gates are in percent (points): at most 100; for min_top1, 0 < value < 1 is a fraction."""
+    if value is None:
+        return None
+    if value > 100:
+        return "is in percent (0-100)"
+    if fraction_hint and 0 < value < 1:
+        return f"is in percent (0-100): {value:g} looks like a fraction; write {100 * value:g} for {100 * value:g} %"
+    return None
+
+
+def _fraction_rule(value: float | None) -> str | None:
+    """max_latency_regression is a fraction of the baseline's latency (0.05 = 5 % slower allowed)."""
+    if value is not None and value >= 1:
+        return (f"is a fraction (0.05 = 5 % slower allowed): {value:g} would allow {1 + value:g}x the "
+                f"baseline's latency; write {value / 100:g} for {value:g} %")
+    return None
+
+
 @dataclass
 class DataConfig:
     # The keys that are also training settings share their rule (dskd.train_settings).
@@ -166,13 +185,15 @@ class TargetConfig:
 
 @dataclass
 class GateConfig:
-    min_top1: float | None = recipe_key(None, ge=0)
+    # Units: top-1 gates in percent / percentage points, max_latency_regression a fraction. A value in
+    # the other unit passed everything silently (min_top1 = 0.85 on an 11 % model), so those are refused.
+    min_top1: float | None = recipe_key(None, ge=0, check=lambda v: _percent_rule(v, fraction_hint=True))
     max_latency_ms: float | None = recipe_key(None, ge=0)
     latency_percentile: str = recipe_key("p50", choices=PERCENTILES)
     max_size_mb: float | None = recipe_key(None, ge=0)
-    max_top1_drop: float | None = recipe_key(None, ge=0)
-    max_top1_regression: float | None = recipe_key(None, ge=0)
-    max_latency_regression: float | None = recipe_key(None, ge=0)
+    max_top1_drop: float | None = recipe_key(None, ge=0, check=_percent_rule)
+    max_top1_regression: float | None = recipe_key(None, ge=0, check=_percent_rule)
+    max_latency_regression: float | None = recipe_key(None, ge=0, check=_fraction_rule)
     regression_inconclusive: str = recipe_key("fail", choices=("fail", "pass"))  # paired interval straddles the limit
     regression_budget_s: float = recipe_key(60.0, gt=0)  # --baseline: seconds of interleaved A/B rounds per artifact
     require_max_clocks: bool = False  # Jetson: fail when measured below max power mode / unlocked clocks

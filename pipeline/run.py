@@ -241,6 +241,34 @@ def check_recipe(recipe: Recipe) -> None:
         named(f"{name}.options", lambda m=method, o=section.options: resolve_method_options(m, o))
 
 
+# What one invocation's verdict consists of: written by the report stage and at the end of `execute`.
+VERDICT_FILES = ("report.json", "report.md", "report.html", "gates.junit.xml", "last_run.json", "bundle", "plots")
+PREVIOUS_DIR = "previous"
+
+
+def _set_aside_previous_verdict(run_dir: Path) -> None:
+    """Move the last invocation's report, junit, last_run.json, bundle and plots to RUN/previous/.
+
+    Why: a run that stops with an error (a device error, a bad baseline found at deploy, Ctrl-C)
+    writes none of them, and a CI step publishing them "always" then showed the previous run's
+    PASS; a plot of an earlier `--baseline` run also outlived a run without one. Until this run
+    finishes, last_run.json says it has not (exit_code null). Nothing is deleted: the previous
+    verdict stays readable in RUN/previous/ until the next run.
+    """
+    import shutil
+
+    prev = run_dir / PREVIOUS_DIR
+    present = [n for n in VERDICT_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if present:
+        shutil.rmtree(prev, ignore_errors=True)
+        prev.mkdir(parents=True, exist_ok=True)
+        for name in present:
+            (run_dir / name).replace(prev / name)
+    atomic.write_json(run_dir / "last_run.json", {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_at": None, "passed": None, "exit_code": None,
+        "note": f"in progress, or stopped with an error: no verdict; the last finished run's files are in {PREVIOUS_DIR}/"})
+
+
 def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, baseline: str | None = None) -> dict[str, Any]:
     """Run (or resume) every stage; returns the report dict."""
     unknown = [f for f in (force or []) if f not in STAGE_NAMES and f != "all"]
@@ -258,6 +286,7 @@ def execute(recipe: Recipe, run_dir: Path, force: list[str] | None = None, basel
         ctx = RunContext(run_dir=run_dir, recipe=recipe,
                          options={"baseline_report": base_report, "baseline_dir": base_dir, "baseline_arg": baseline,
                                   "remeasure_nonce": time.time() if "deploy" in forced else None})
+        _set_aside_previous_verdict(run_dir)
         atomic.write_json(run_dir / "recipe.json", recipe.to_dict())
         for stage in STAGES:
             run_stage(stage, ctx, force=stage.name in forced)

@@ -269,7 +269,14 @@ def _deploy_run(ctx: RunContext, folder: Path) -> dict[str, Any]:
                 continue
             try:
                 m = _measure(ctx, path, tgt.name, a.precision, eval_set, device, t.batch_sizes)
-            except UserError as exc:  # device trouble: keep going, record why
+            except UserError as exc:
+                if device is None:  # on this machine there is no device to blame: the artifact does not run
+                    why = f"the runtime cannot run it on this machine: {str(exc).splitlines()[0][:300]}"
+                    results.append(a.replace(measured=False, top1=None, latency_ms=None, not_measured_reason=why,
+                                             rejected=True, rejected_reason=why))
+                    ctx.log(f"  {a.label}: REJECTED: {why}")
+                    continue
+                # device trouble: keep going, record why (--allow-unmeasured may accept it)
                 results.append(a.replace(measured=False, top1=None, latency_ms=None, not_measured_reason=str(exc)))
                 ctx.log(f"  {a.label}: not measured: {exc}")
                 continue
@@ -413,7 +420,17 @@ def _baseline_artifact(base_report: dict[str, Any] | None, base_dir: Path | None
             if not b.path:  # rejected, or a device format not built where the baseline ran
                 return None
             p = base_dir / b.path
-            return p if p.exists() else None
+            if not p.exists():
+                return None
+            if b.sha256 and file_sha256(p) != b.sha256:
+                # checked before any stage too (cli_baseline), but a `--force` re-export into the baseline's
+                # own folder replaces it later: the pair would then time the new file against itself
+                from dskd.errors import UserError
+
+                raise UserError(f"--baseline {b.label}: {p} is no longer the file its report records (it changed "
+                                "during this run: is --out the baseline's folder?); give a baseline that is not "
+                                "re-written by this run")
+            return p
     return None
 
 

@@ -411,3 +411,23 @@ def test_torch_tensorrt_builder_never_builds_onnx_engines_here(student_pt: Path,
     assert [a.format for a in manifest.artifacts if a.format.startswith("tensorrt")] == []
     (skipped,) = [s for s in manifest.skipped if s.format == "tensorrt-fp16"]
     assert "torch-tensorrt builder" in skipped.reason and skipped.prepared
+
+
+def test_a_rejected_int8_leaves_a_kit_that_builds_fp16(tmp_path: Path, digits_rgb, digits_checkpoint):
+    """Before: the INT8 Q/DQ ONNX failed its parity check AFTER build_trtexec.sh was written with its
+    checksum, so the shipped kit listed a file it did not hold: `sha256sum -c` failed on the device for
+    fp16 too, and `pipeline run --target jetson-orin` crashed writing the bundle (FileNotFoundError)."""
+    from export.api import export_all
+    from export.parity import DEFAULT_TOLERANCES, Tolerance
+    from pipeline.bundle import _script_inputs
+
+    strict = {**DEFAULT_TOLERANCES, "int8": Tolerance(max_rel_diff=0.0, min_top1_agreement=1.0)}
+    manifest = export_all(digits_checkpoint, tmp_path, formats=["tensorrt-fp16", "tensorrt-int8"],
+                          calib=digits_rgb, on_parity_failure="reject", tolerances=strict)
+    skipped = {s.format: s for s in manifest.skipped}
+    assert (skipped["tensorrt-int8"].details or {}).get("rejected"), skipped
+    script = tmp_path / "tensorrt" / "build_trtexec.sh"
+    text = script.read_text()
+    assert "build_int8" not in text and "model.int8.qdq.onnx" not in text
+    assert all((script.parent / n).is_file() for n in _script_inputs(script)) and _script_inputs(script)
+    assert not (tmp_path / "tensorrt" / "model.int8.qdq.onnx").exists()

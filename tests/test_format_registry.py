@@ -153,6 +153,7 @@ def test_a_format_registered_from_a_test_is_listed_built_detected_and_bundled(
     assert [(a["format"], a["path"], a["files"]) for a in art] == [
         ("onnx-copy", "model.copy.onnx", ["model.copy.labels.txt", "model.copy.onnx"])]
     assert verify_bundle(bundle)["ok"] and verify_bundle(tar)["ok"]
+    assert tar.stat().st_mode & 0o777 == 0o644  # was 0600 (mkstemp): another account could not fetch it
 
     # the bundle's infer.py runs it by its runtime and predicts what ONNX Runtime predicts here
     images = []

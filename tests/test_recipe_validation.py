@@ -28,6 +28,9 @@ BAD_FOR_CHECK: dict[str, object] = {
     "data.spec": "", "data.train_subset": 1.5, "teacher.model": "", "student.model": "",
     "teacher.device": "tpu", "student.device": "gpu0", "export.opset": 5, "target.device": "nvidia@",
     "target.python": " ", "target.batch_sizes": [0], "target.threads": "many",
+    # gate units: top-1 gates are percent (points), max_latency_regression a fraction
+    "gates.min_top1": 0.85, "gates.max_top1_drop": 150.0, "gates.max_top1_regression": 101.0,
+    "gates.max_latency_regression": 5.0,
 }
 
 

@@ -204,3 +204,160 @@ def test_latency_regression_across_targets_threads_cpus_or_batches_is_inconclusi
         a.pop("runtime_config"), a.pop("environment"), a.pop("latency_by_batch")
     bare["target"] = {}
     assert _latency_row(bare, base).status == "FAIL"
+
+
+def _onnx_bytes(chw: tuple[int, int, int], outputs: int) -> bytes:
+    """A tiny valid ONNX model: input N×C×H×W, output N×outputs (declared shapes are what verify reads)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c, h, w = chw
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, h, w])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", outputs])
+    flat = helper.make_node("Flatten", ["input"], ["f"])
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [0, outputs])
+    graph = helper.make_graph([flat, helper.make_node("Reshape", ["f", "s"], ["logits"])], "g", [x], [y],
+                              initializer=[shape])
+    return onnx.helper.make_model(graph).SerializeToString()
+
+
+def _onnx_bundle(root: Path, model: bytes, labels: list[str], artifact_sha: str | None = None) -> Path:
+    import hashlib
+    import json
+
+    from pipeline.bundle_verify import BUNDLE_FORMAT, MANIFEST
+
+    files = {"infer.py": b"x", "model.onnx": model}
+    root.mkdir(parents=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    sha = {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+    art = {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime", "path": "model.onnx",
+           "files": ["model.onnx"], "sha256": artifact_sha or sha["model.onnx"]}
+    (root / MANIFEST).write_text(json.dumps({
+        "format": BUNDLE_FORMAT, "target": "cpu", "runtime": "onnxruntime", "labels": labels,
+        "preprocessing": {"input_size": 4, "in_chans": 1, "mean": [0.5], "std": [0.25]}, "artifacts": [art],
+        "files": {n: {"sha256": sha[n], "size_bytes": len(d)} for n, d in files.items()},
+        "passed": True, "gates": []}))
+    return root
+
+
+def test_verify_fails_a_swapped_model_that_does_not_fit_the_manifest(tmp_path: Path, capsys) -> None:
+    """A model swapped in with only `files` re-hashed verified OK, and infer.py then crashed (another
+    input size) or named classes from the wrong list (another class count)."""
+    from tests.helpers.cli import run_main
+
+    good = _onnx_bytes((1, 4, 4), 2)
+    code, out, _ = run_main(["verify", str(_onnx_bundle(tmp_path / "ok", good, ["a", "b"]))], capsys)
+    assert code == 0 and out.startswith("OK"), out
+    cases = {
+        "stale artifact sha256": (good, ["a", "b"], "0" * 64, "the model was replaced"),
+        "other input size": (_onnx_bytes((1, 8, 8), 2), ["a", "b"], None, "takes C×H×W 1×8×8"),
+        "other channels": (_onnx_bytes((3, 4, 4), 2), ["a", "b"], None, "takes C×H×W 3×4×4"),
+        "other class count": (_onnx_bytes((1, 4, 4), 20), ["a", "b"], None, "20 outputs, the manifest 2 labels"),
+    }
+    for name, (model, labels, sha, want) in cases.items():
+        bundle = _onnx_bundle(tmp_path / name.replace(" ", "_"), model, labels, sha)
+        code, out, _ = run_main(["verify", str(bundle)], capsys)
+        assert code == 1 and want in out, (name, out)
+
+
+def test_verify_refuses_non_finite_or_non_positive_normalisation(tmp_path: Path, capsys) -> None:
+    """mean NaN/inf or std 0/negative made infer.py label every image alike, exit 0; verify said OK."""
+    import json
+
+    from tests.helpers.cli import run_main
+
+    for i, (key, value) in enumerate([("mean", "NaN"), ("std", "Infinity"), ("std", "0"), ("std", "-0.25")]):
+        bundle = _onnx_bundle(tmp_path / str(i), _onnx_bytes((1, 4, 4), 2), ["a", "b"])
+        text = (bundle / "manifest.json").read_text()
+        m = json.loads(text)
+        old = json.dumps(m["preprocessing"][key])
+        (bundle / "manifest.json").write_text(text.replace(f'"{key}": {old}', f'"{key}": [{value}]'))
+        code, _, err = run_main(["verify", str(bundle)], capsys)
+        assert code == 2 and f"preprocessing.{key}" in err and "Traceback" not in err, (key, value, err)
+
+
+# -- `pipeline gate`: no silent verdict from unset gates; the run's own unmeasured policy -----------
+
+
+def _full_report(tmp: Path, name: str, gates: dict, *, p50: float = 1.0, top1: float | None = 95.0,
+                 student_top1: float | None = 96.0, size: int | None = 1000, allow_unmeasured: bool = False,
+                 measured: bool = True, config: bool = True) -> Path:
+    """A report.json the schema accepts (what `pipeline gate` reads), written to tmp/name/report.json."""
+    import json
+
+    art = {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime", "path": "a/model.onnx",
+           "sha256": "0" * 64, "size_bytes": size, "top1": top1 if measured else None,
+           "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.2} if measured else None,
+           "shipped": True, "measured": measured,
+           **({} if measured else {"not_measured_reason": "device unreachable"})}
+    cfg = {"target": {"name": "cpu", "allow_unmeasured": allow_unmeasured}, "gates": gates}
+    rep = {"schema_version": 1, "recipe": {"name": "t", "source": "t", **({"config": cfg} if config else {})},
+           "target": {"name": "cpu", "runtime": "onnxruntime", "measured": measured, "reason": ""},
+           "teacher": {"model": "resnet20", "top1": 97.0},
+           "student": {"model": "resnet8", "method": "dskd", "top1": student_top1, "params": 1, "macs": 1},
+           "artifacts": [art], "gates": [], "passed": True}
+    folder = tmp / name
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(rep))
+    return folder / "report.json"
+
+
+def test_gate_refuses_a_baseline_it_would_ignore_and_gates_that_are_all_unset(tmp_path: Path, capsys) -> None:
+    """`gate SLOW --baseline BASE` with no regression threshold set said PASSED for a 10x slower
+    model; a report without any threshold (no recorded recipe) said PASSED at 3 % top-1."""
+    from tests.helpers.cli import run_main
+
+    base = _full_report(tmp_path, "base", {"min_top1": 10.0}, p50=1.0)
+    slow = _full_report(tmp_path, "slow", {"min_top1": 10.0}, p50=10.0)
+    code, _, err = run_main(["gate", str(slow), "--baseline", str(base)], capsys)
+    assert code == 2 and "no regression gate is set" in err and "Traceback" not in err, err
+    code, out, _ = run_main(["gate", str(slow), "--baseline", str(base), "--set",
+                             "gates.max_latency_regression=0.05"], capsys)
+    assert code == 1 and "FAILED" in out, out
+    bare = _full_report(tmp_path, "bare", {}, top1=3.0, config=False)
+    code, _, err = run_main(["gate", str(bare)], capsys)
+    assert code == 2 and "no gate threshold is set" in err, err
+    code, _, err = run_main(["gate", str(bare), "--set", "gates.min_top1=10"], capsys)
+    assert code == 1
+
+
+def test_gate_keeps_set_gates_when_a_number_is_missing(tmp_path: Path, capsys) -> None:
+    """max_top1_drop without the student's top-1 and max_size_mb without a size used to vanish:
+    PASSED with two configured gates never evaluated."""
+    from tests.helpers.cli import run_main
+
+    rep = _full_report(tmp_path, "r", {"max_top1_drop": 2.0, "max_size_mb": 5.0}, student_top1=None, size=None)
+    code, out, _ = run_main(["gate", str(rep)], capsys)
+    assert code == 1 and out.count("NOT MEASURED") == 2 and "max_top1_drop" in out and "max_size_mb" in out, out
+
+
+def test_gate_gives_the_verdict_its_run_gave_for_unmeasured_artifacts(tmp_path: Path, capsys) -> None:
+    """A run with target.allow_unmeasured exited 0; `pipeline gate` on its report used False and said
+    FAILED. The recorded policy applies unless the flag is given."""
+    from tests.helpers.cli import run_main
+
+    rep = _full_report(tmp_path, "r", {"min_top1": 10.0}, measured=False, allow_unmeasured=True)
+    assert run_main(["gate", str(rep)], capsys)[0] == 0
+    assert run_main(["gate", str(rep), "--allow-unmeasured=false"], capsys)[0] == 1
+    strict = _full_report(tmp_path, "s", {"min_top1": 10.0}, measured=False, allow_unmeasured=False)
+    assert run_main(["gate", str(strict)], capsys)[0] == 1
+    assert run_main(["gate", str(strict), "--allow-unmeasured"], capsys)[0] == 0
+
+
+def test_paths_of_the_wrong_kind_are_one_line(tmp_path: Path, capsys) -> None:
+    """`gate R --junit /tmp` printed the table, then an IsADirectoryError traceback (exit 1, read by CI
+    as a failed gate); `run --out FILE` gave a FileExistsError traceback."""
+    from tests.helpers.cli import run_main
+
+    rep = _full_report(tmp_path, "r", {"min_top1": 10.0})
+    code, _, err = run_main(["gate", str(rep), "--junit", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err and "Traceback" not in err, err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run_main(["run", "--out", str(afile)], capsys)
+    assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err, err
+    for flag in ("--recipe=", "--force=", "--out="):
+        code, _, err = run_main(["run", flag], capsys)
+        assert code == 2 and "is empty" in err, (flag, err)

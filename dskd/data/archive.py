@@ -9,11 +9,23 @@ Sizes are capped (`ByteCaps`): each member's header size is checked before it is
 the bytes actually delivered are counted while streaming, because a header can lie (a zip
 central directory, a truncated tar). A 2 MB archive holding a 2 GiB member of zeros is
 refused at its header, before any of it is decompressed into memory.
+
+A tar is read as exactly one clean stream, because `tar xf` must get the same files that
+were checked (deploy bundles are verified with this reader): compressed tars go through
+`_TarStream`, which decodes every gzip/bz2/xz member and checks each one's CRC and length
+(Python's `tarfile` alone reads only the first gzip member and never checks the trailer),
+and when `tarfile` stops, everything left must be zero padding: a damaged header, a second
+archive or appended bytes are refused, not silently ignored while GNU tar extracts them.
+Two members with the same name, or a file where a folder is (or the reverse), are refused
+too: the extracted tree must not depend on which copy an extractor keeps.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import io
+import lzma
 import os
 import re
 import shutil
@@ -24,7 +36,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from dskd.data.limits import ByteCaps
 from dskd.errors import UserError
@@ -33,6 +45,10 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 ZIP_SUFFIXES = (".zip",)
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+_RAW_CHUNK = 1 << 16  # compressed bytes read at a time
+_MAX_PADDING = 64 << 20  # zero bytes allowed after the end of a tar / the last compressed stream
+_REPACK = "not a clean archive; re-download or re-create it"
 
 
 def archive_kind(path: str | os.PathLike) -> str | None:
@@ -83,6 +99,148 @@ class _ProgressReader:
         return data
 
 
+def _sniff(head: bytes) -> str:
+    """Compression of a tar from its first bytes: 'gzip', 'bzip2', 'xz' or 'tar' (none).
+
+    Same magic numbers as tarfile's 'r|*' (the extension is not trusted to name it).
+    """
+    if head.startswith(b"\x1f\x8b\x08"):
+        return "gzip"
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return "bzip2"
+    if head.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):
+        return "xz"
+    return "tar"
+
+
+def _decoder(kind: str) -> Any:
+    """A fresh decoder for one compressed member (zlib, bz2 and lzma share decompress/eof/unused_data)."""
+    if kind == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper: checks CRC-32 and ISIZE
+    if kind == "bzip2":
+        return bz2.BZ2Decompressor()
+    return lzma.LZMADecompressor(lzma.FORMAT_AUTO)  # .xz (checked) or legacy .lzma
+
+
+class _TarStream:
+    """The decompressed bytes of a tar file, all compressed members of it, checked; forward only.
+
+    Given to `tarfile.open(mode="r:")`, which reads headers with `read` and skips data with
+    forward `seek`, so this object knows exactly where `tarfile` stopped: `check_end` then
+    requires the rest to be zero padding. Each compressed member must end with a valid
+    trailer (CRC, length); the file may end after a member, or with zero bytes only. A
+    corrupt, truncated or trailing-garbage stream raises a UserError naming the archive.
+    """
+
+    def __init__(self, archive: Path, raw: _ProgressReader) -> None:
+        self._archive, self._raw = archive, raw
+        self._input = raw.read(_RAW_CHUNK)  # compressed bytes not yet given to the decoder
+        self.kind = _sniff(self._input)
+        self._dec = _decoder(self.kind) if self.kind != "tar" else None
+        self._ended = False
+        self._pos = 0  # decompressed bytes handed out
+        self._last_start, self._last = 0, b""  # the latest read, for check_end
+
+    # -- the file interface tarfile uses ------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False  # forward skips only; tarfile calls seek() itself, never seekable()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset}.get(whence)
+        if target is None or target < self._pos:
+            raise io.UnsupportedOperation("a tar stream is read forward only")
+        while self._pos < target and self.read(min(target - self._pos, 1 << 20)):
+            pass
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        """Up to `n` bytes (all when n < 0); fewer only at the end, as a plain file does."""
+        start, parts, want = self._pos, [], (n if n is not None and n >= 0 else None)
+        while want is None or want > 0:
+            block = self._produce(min(want, 1 << 20) if want is not None else 1 << 20)
+            if not block:
+                break
+            parts.append(block)
+            self._pos += len(block)
+            if want is not None:
+                want -= len(block)
+        data = b"".join(parts)
+        self._last_start, self._last = start, data
+        return data
+
+    # -- decoding ---------------------------------------------------------------------------
+    def _error(self, what: str) -> UserError:
+        return UserError(f"{self._archive}: {what}: {_REPACK}")
+
+    def _produce(self, n: int) -> bytes:
+        """At most `n` (> 0) decompressed bytes; b'' only after the last member ended cleanly."""
+        if self._dec is None:
+            data, self._input = (self._input[:n], self._input[n:]) if self._input else (self._raw.read(n), b"")
+            return data
+        stalled = 0
+        while not self._ended:
+            dec = self._dec
+            if dec.eof:
+                self._next_member()
+                continue
+            data = b""
+            if self.kind == "gzip" or dec.needs_input:
+                data = self._input or self._raw.read(_RAW_CHUNK)
+            try:
+                out = dec.decompress(data, n)
+            except (zlib.error, OSError, lzma.LZMAError, EOFError) as exc:
+                raise self._error(f"the {self.kind} data is corrupt ({exc})") from None
+            self._input = dec.unconsumed_tail if self.kind == "gzip" else b""
+            if out:
+                return out
+            if not data and not dec.eof:
+                stalled += 1
+                if stalled > 2:  # no input left and the decoder wants more: cut short
+                    raise self._error(f"the {self.kind} stream ends early (truncated or damaged)")
+        return b""
+
+    def _next_member(self) -> None:
+        """After a compressed member: end of file, zero padding, or another member of the same kind."""
+        assert self._dec is not None
+        rest = self._dec.unused_data + self._input
+        self._input = b""
+        if not rest:
+            rest = self._raw.read(_RAW_CHUNK)
+        if not rest:
+            self._ended = True
+        elif rest[0] == 0:
+            self._require_zeros(rest, self._raw.read, f"after the end of the {self.kind} data")
+            self._ended = True
+        else:
+            self._dec, self._input = _decoder(self.kind), rest  # a corrupt start raises in _produce
+
+    def _require_zeros(self, first: bytes, more: Callable[[int], bytes], where: str) -> None:
+        seen, block = 0, first
+        while block:
+            if block.count(0) != len(block):
+                raise self._error(f"data {where} (a second archive, a damaged header or appended bytes)")
+            seen += len(block)
+            if seen > _MAX_PADDING:
+                raise self._error(f"over {_MAX_PADDING >> 20} MiB of padding {where}")
+            block = more(1 << 20)
+
+    def check_end(self, offset: int) -> None:
+        """`tarfile` stopped at `offset` (its end-of-archive block, or a header it could not
+        parse): require everything from there to the end of the file to be zero bytes."""
+        if offset > self._pos:
+            self.seek(offset)  # padding of a member nobody read
+        if offset < self._last_start:
+            raise self._error(f"cannot find where the tar data ends (offset {offset})")
+        self._require_zeros(self._last[offset - self._last_start:], self.read,
+                            "after the end of the tar archive")
+
+
 class _Budget:
     """Counts member bytes against `ByteCaps`: header sizes first, then what is streamed."""
 
@@ -131,26 +289,27 @@ class _CappedReader:
 
 def _iter_tar(archive: Path, on_read: Callable[[int], None] | None, budget: _Budget
               ) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
-    with open(archive, "rb") as raw, tarfile.open(
-        fileobj=_ProgressReader(raw, on_read), mode="r|*"  # type: ignore[arg-type]
-    ) as tf:
-        for member in tf:
-            reason = unsafe_name_reason(member.name)
-            if reason is None and not (member.isreg() or member.isdir()):
-                if member.issym() or member.islnk():
-                    reason = f"link to {member.linkname!r}; links are not allowed"
+    with open(archive, "rb") as raw:
+        stream = _TarStream(archive, _ProgressReader(raw, on_read))
+        with tarfile.open(fileobj=stream, mode="r:") as tf:  # type: ignore[call-overload]
+            for member in tf:
+                reason = unsafe_name_reason(member.name)
+                if reason is None and not (member.isreg() or member.isdir()):
+                    if member.issym() or member.islnk():
+                        reason = f"link to {member.linkname!r}; links are not allowed"
+                    else:
+                        reason = "device or special file"
+                if reason is not None:
+                    raise _refuse(archive, member.name, reason)
+                name = clean_name(member.name)
+                if not name:
+                    continue
+                if member.isdir():
+                    yield name, True, None
                 else:
-                    reason = "device or special file"
-            if reason is not None:
-                raise _refuse(archive, member.name, reason)
-            name = clean_name(member.name)
-            if not name:
-                continue
-            if member.isdir():
-                yield name, True, None
-            else:
-                budget.check_header(name, member.size)
-                yield name, False, budget.wrap(name, tf.extractfile(member))  # type: ignore[arg-type,misc]
+                    budget.check_header(name, member.size)
+                    yield name, False, budget.wrap(name, tf.extractfile(member))  # type: ignore[arg-type,misc]
+            stream.check_end(tf.offset)
 
 
 def _iter_zip(archive: Path, on_read: Callable[[int], None] | None, budget: _Budget
@@ -176,6 +335,39 @@ def _iter_zip(archive: Path, on_read: Callable[[int], None] | None, budget: _Bud
                 on_read(info.compress_size)
 
 
+class _Names:
+    """Names seen so far (file or folder), so a second copy or a file/folder clash is refused.
+
+    GNU tar keeps the last copy of a duplicated file and fails on a file where a folder is;
+    a checker that saw the first copy, or a half-extracted tree, would vouch for the wrong
+    files. Parent folders count as folders even when the archive has no entry for them.
+    """
+
+    def __init__(self, archive: Path) -> None:
+        self._archive = archive
+        self._is_dir: dict[str, bool] = {}
+
+    def _clash(self, name: str, why: str) -> UserError:
+        return UserError(f"{self._archive}: duplicate or conflicting archive member {name!r} ({why}); "
+                         f"re-pack the archive with each name once")
+
+    def add(self, name: str, is_dir: bool) -> None:
+        parent = name
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            seen = self._is_dir.get(parent)
+            if seen is True:
+                break  # its own parents were registered with it
+            if seen is False:
+                raise self._clash(name, f"{parent!r} is a file earlier in the archive")
+            self._is_dir[parent] = True
+        seen = self._is_dir.get(name)
+        if seen is not None and not (seen and is_dir):
+            what = "a folder" if seen else "a file"
+            raise self._clash(name, f"{what} of that name is earlier in the archive")
+        self._is_dir[name] = is_dir
+
+
 def iter_members(archive: str | os.PathLike, on_read: Callable[[int], None] | None = None,
                  *, caps: ByteCaps | None = None) -> Iterator[tuple[str, bool, IO[bytes] | None]]:
     """Yield `(relative_name, is_dir, fileobj)` for each member, checked for safety first.
@@ -184,14 +376,19 @@ def iter_members(archive: str | os.PathLike, on_read: Callable[[int], None] | No
     called as the compressed file is consumed (for progress bars). Unreadable archives
     raise a UserError naming the file. `caps` bounds each member's size and the total
     (header sizes before reading, delivered bytes while reading); None: no caps.
+    A tar must be one clean stream (see the module docstring) and no name may repeat or
+    clash with a folder; the end of a tar is checked once the last member has been yielded.
     """
     path = Path(archive)
     kind = archive_kind(path)
     if kind is None:
-        raise UserError(f"{path}: not a supported archive; use .tar, .tar.gz, .tgz or .zip")
+        raise UserError(f"{path}: not a supported archive; use one of {', '.join(TAR_SUFFIXES + ZIP_SUFFIXES)}")
     reader = _iter_tar if kind == "tar" else _iter_zip
+    names = _Names(path)
     with archive_errors(path):
-        yield from reader(path, on_read, _Budget(path, caps))
+        for item in reader(path, on_read, _Budget(path, caps)):
+            names.add(item[0], item[1])
+            yield item
 
 
 @contextlib.contextmanager
@@ -246,12 +443,17 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *,
                 target = (tmp / name).resolve()
                 if root not in target.parents:  # belt and braces: names were checked already
                     raise _refuse(Path(archive), name, "resolves outside the destination")
-                if is_dir:
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as out:
-                    shutil.copyfileobj(fh, out, 1 << 20)  # type: ignore[arg-type]
+                try:
+                    if is_dir:
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "xb") as out:  # never over an earlier member
+                        shutil.copyfileobj(fh, out, 1 << 20)  # type: ignore[arg-type]
+                except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+                    # iter_members refuses these already; a case-folding file system can still clash
+                    raise UserError(f"{archive}: duplicate or conflicting archive member {name!r} "
+                                    f"({exc.strerror}); re-pack the archive with each name once") from None
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)
