@@ -76,8 +76,10 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
         from pipeline.baseline import load_report
         from pipeline.cli_baseline import baseline_file_notes
 
-        for note in baseline_file_notes(*load_report(baseline, "--baseline")):
+        base_report, base_dir = load_report(baseline, "--baseline")
+        for note in baseline_file_notes(base_report, base_dir):
             print(note)
+        _check_baseline_input(base_report, rec, baseline)
     from pipeline.gates import unset_gates_problem
 
     problem = unset_gates_problem(rec.gates, baseline is not None)
@@ -93,6 +95,17 @@ def run(recipe: str | None = None, target: str | None = None, data: str | None =
     _print_report(report, run_dir)
     if not report["passed"]:
         raise ExitCode(1)
+
+
+def _check_baseline_input(base: dict | None, rec, shown: str) -> None:  # noqa: ANN001
+    """A baseline whose models take another input shape cannot be timed on this run's images: said
+    before any training (it failed in the deploy stage, after training, naming no flag)."""
+    data = ((base or {}).get("recipe") or {}).get("config", {}).get("data") or {}
+    for key in ("input_size", "in_chans"):
+        theirs, mine = data.get(key), getattr(rec.data, key)
+        if isinstance(theirs, int) and theirs != mine:
+            raise UserError(f"--baseline {shown}: its models take data.{key} = {theirs}, this run {mine}; "
+                            f"compare with a baseline trained on the same input (or set data.{key} = {theirs})")
 
 
 def _print_report(report: dict, run_dir) -> None:

@@ -361,3 +361,21 @@ def test_paths_of_the_wrong_kind_are_one_line(tmp_path: Path, capsys) -> None:
     for flag in ("--recipe=", "--force=", "--out="):
         code, _, err = run_main(["run", flag], capsys)
         assert code == 2 and "is empty" in err, (flag, err)
+
+
+def test_a_baseline_of_another_input_shape_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    """`run --baseline` of a run trained at input_size 24 reached the deploy stage after training and
+    failed there with an ONNX Runtime shape error naming no flag (and left the old verdict in place)."""
+    import json
+
+    from tests.helpers.cli import run_main
+
+    rep = _full_report(tmp_path, "b24", {"min_top1": 10.0})
+    data = json.loads(rep.read_text())
+    data["recipe"]["config"]["data"] = {"input_size": 24, "in_chans": 3}
+    rep.write_text(json.dumps(data))
+    out_dir = tmp_path / "out"
+    code, _, err = run_main(["run", "--out", str(out_dir), "--baseline", str(rep),
+                             "--set", "gates.max_latency_regression=0.05"], capsys)
+    assert code == 2 and "data.input_size = 24" in err and "--baseline" in err, err
+    assert not (out_dir / "stages").exists()
