@@ -176,7 +176,7 @@ class _TarStream:
 
     # -- decoding ---------------------------------------------------------------------------
     def _error(self, what: str) -> UserError:
-        return UserError(f"{self._archive}: {what}: {_REPACK}")
+        return UserError(f"{self._archive}: cannot read the archive ({what}); {_REPACK}")
 
     def _produce(self, n: int) -> bytes:
         """At most `n` (> 0) decompressed bytes; b'' only after the last member ended cleanly."""
@@ -196,7 +196,8 @@ class _TarStream:
                 out = dec.decompress(data, n)
             except (zlib.error, OSError, lzma.LZMAError, EOFError) as exc:
                 raise self._error(f"the {self.kind} data is corrupt ({exc})") from None
-            self._input = dec.unconsumed_tail if self.kind == "gzip" else b""
+            # zlib leaves the bytes after a member's end in both unused_data and unconsumed_tail
+            self._input = dec.unconsumed_tail if self.kind == "gzip" and not dec.eof else b""
             if out:
                 return out
             if not data and not dec.eof:
