@@ -70,7 +70,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         ev = keep / f"{target}.eval.npz"
         shutil.copyfile(out / deploy / "eval.npz", ev)
         shutil.copyfile(out / "report.json", keep / f"{target}.report.json")  # for a person reading a failure
-        result[target] = {"report": report, "eval": ev, "out": out, "rc": proc.returncode}
+        # OUT/bundle/ holds only the last invocation's bundle (the next run moves it to OUT/previous/)
+        assert sorted(p.name for p in (out / "bundle").iterdir()) == [target, f"{target}.tar.gz"]
+        tar = keep / f"{target}.tar.gz"
+        shutil.copyfile(out / "bundle" / f"{target}.tar.gz", tar)
+        result[target] = {"report": report, "eval": ev, "out": out, "rc": proc.returncode, "tar": tar}
     return result
 
 
@@ -78,7 +82,7 @@ def unpack(run: dict, target: str, dest: Path) -> Path:
     """The archive, as a user gets it, into an empty folder."""
     dest.mkdir()
     assert not any(dest.iterdir())
-    with tarfile.open(run["out"] / "bundle" / f"{target}.tar.gz") as tar:
+    with tarfile.open(run["tar"]) as tar:
         tar.extractall(dest, filter="data")
     assert [p.name for p in dest.iterdir()] == [target]
     return dest / target
