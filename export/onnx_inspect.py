@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 
-def _load(path: str | os.PathLike) -> Any:
+def _load(path: str | os.PathLike, external_data: bool = True) -> Any:
     import onnx
 
-    return onnx.load(str(path))
+    return onnx.load(str(path), load_external_data=external_data)
 
 
 def _all_nodes(graph: Any) -> list[Any]:
@@ -76,9 +76,12 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def onnx_io(path: str | os.PathLike) -> dict[str, Any]:
-    """Names, element types and shapes (symbolic dims as strings) of inputs and outputs."""
-    model = _load(path)
+def onnx_io(path: str | os.PathLike, external_data: bool = True) -> dict[str, Any]:
+    """Names, element types and shapes (symbolic dims as strings) of inputs and outputs.
+
+    `external_data=False` reads the graph alone (an untrusted file's external-data references are
+    never followed: `pipeline verify`)."""
+    model = _load(path, external_data)
 
     def shape(v: Any) -> list[int | str]:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

@@ -289,27 +289,25 @@ def _consistency_problems(root: Path, m: dict[str, Any], bad_files: set[str]) ->
             continue
         (inp, outp) = shapes
         want = [pre["in_chans"], pre["input_size"], pre["input_size"]]
-        if len(inp) == 4 and all(isinstance(d, int) for d in inp[1:]) and list(inp[1:]) != want:
+        if len(inp) == 4 and all(isinstance(d, int) and d > 0 for d in inp[1:]) and list(inp[1:]) != want:
             out.append(f"artifacts[{i}] ({a['format']}): the model takes C×H×W {'×'.join(map(str, inp[1:]))}, the "
                        f"manifest's preprocessing gives {'×'.join(map(str, want))} (rebuild the bundle)")
-        if len(outp) == 2 and isinstance(outp[1], int) and outp[1] != len(labels):
+        if len(outp) == 2 and isinstance(outp[1], int) and outp[1] > 0 and outp[1] != len(labels):
             out.append(f"artifacts[{i}] ({a['format']}): the model has {outp[1]} outputs, the manifest "
                        f"{len(labels)} labels (rebuild the bundle)")
     return out
 
 
 def _onnx_io_shapes(path: Path) -> tuple[list[Any], list[Any]] | None:
-    """(input dims, output dims) of an ONNX model's first input and output (None when onnx is not
-    installed or the file does not parse: the sha256 check and infer.py speak for it then)."""
+    """(input dims, output dims) of an ONNX model's first input and output, graph only (None when onnx
+    is not installed or the file does not parse: the sha256 check and infer.py speak for it then)."""
     try:
-        import onnx
+        from export.onnx_inspect import onnx_io
 
-        model = onnx.load(str(path), load_external_data=False)
-        dims = [[d.dim_value if d.HasField("dim_value") else d.dim_param
-                 for d in v.type.tensor_type.shape.dim] for v in (model.graph.input[0], model.graph.output[0])]
+        io = onnx_io(path, external_data=False)
+        return io["inputs"][0]["shape"], io["outputs"][0]["shape"]
     except Exception:  # noqa: BLE001 - any parse failure: not this check's business
         return None
-    return dims[0], dims[1]
 
 
 def _check_folder(root: Path, label: str, prefix: str = "") -> tuple[int, list[str], dict[str, Any]]:
